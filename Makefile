@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make demo   install, write a kernel spec, start a kernel through a module wrapper, run a cell
+#   make test   start the test rig (Lmod, sshd in a netns, Slurm), then lint, type-check and test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo rig rig-down lint typecheck pytest test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	scripts/ensure-lmod
+	$(BIN)/python scripts/demo.py
+
+rig:
+	scripts/test-rig up
+
+rig-down:
+	scripts/test-rig down
+
+lint: venv
+	$(BIN)/ruff check nersc_provisioner tests benchmarks scripts/demo.py
+	$(BIN)/ruff format --check nersc_provisioner tests benchmarks scripts/demo.py
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+test: venv rig lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

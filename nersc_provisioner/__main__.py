@@ -1,0 +1,5 @@
+"""``python -m nersc_provisioner``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""``python -m nersc_provisioner``: install, list, show and remove kernel specs.
+
+A thin layer over :mod:`nersc_provisioner.kernelspec`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, NERSCProvisionerError
+from .kernelspec import (
+    build_kernel_spec,
+    get_kernel_spec,
+    install_kernel_spec,
+    launch_plan,
+    list_kernel_specs,
+    missing_modules,
+    remove_kernel_spec,
+)
+from .provisioners import PROVISIONERS
+from .shell import join
+
+_DESCRIPTION = """\
+Write and manage Jupyter kernel specs that start kernels through nersc_provisioner.
+
+A kernel spec names a provisioner (e.g. nersc-local) and its settings: modules to
+load, setup lines, a container image.  The provisioner generates the wrapper
+script at launch, so there is no kernel-helper.sh to write or maintain.
+"""
+
+_EPILOG = """\
+examples:
+  python -m nersc_provisioner install --user --name py-mods \\
+      --module python --module cudatoolkit --setup 'conda activate myenv'
+  python -m nersc_provisioner install --user --name shifter-py \\
+      --container docker:continuumio/anaconda3:latest --python /opt/conda/bin/python
+  python -m nersc_provisioner list
+  python -m nersc_provisioner show py-mods
+  python -m nersc_provisioner remove py-mods
+
+docs: docs/cli.md (every flag), docs/configuration.md (every setting)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nersc_provisioner",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    install = commands.add_parser(
+        "install",
+        help="write a kernel spec (flags follow `python -m ipykernel install`)",
+        description="Write a kernel spec that starts its kernel through a provisioner of ours.",
+    )
+    where = install.add_argument_group("where and what (as in `python -m ipykernel install`)")
+    where.add_argument("--name", help="kernel spec name (default: the provisioner's name)")
+    where.add_argument("--display-name", help="name shown in Jupyter's launcher")
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--prefix", help="install under this prefix (PREFIX/share/jupyter)")
+    where.add_argument(
+        "--sys-prefix", action="store_true", help="install into the current Python environment"
+    )
+    where.add_argument(
+        "--env",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="set an environment variable for the kernel (repeatable)",
+    )
+    how = install.add_argument_group("how the kernel starts")
+    how.add_argument(
+        "--provisioner",
+        default="nersc-local",
+        choices=sorted(PROVISIONERS),
+        help="which provisioner starts the kernel (default: nersc-local)",
+    )
+    how.add_argument(
+        "--module", action="append", default=[], dest="modules", help="module to load (repeatable)"
+    )
+    how.add_argument(
+        "--module-use",
+        action="append",
+        default=[],
+        help="directory to `module use` before loading (repeatable)",
+    )
+    how.add_argument("--purge", action="store_true", help="run `module purge` first")
+    how.add_argument(
+        "--module-init",
+        help="auto, lmod, environment-modules, none, or an init script path (default: auto)",
+    )
+    how.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        help="shell line run before the kernel, e.g. 'conda activate myenv' (repeatable)",
+    )
+    how.add_argument("--container", help="container image, e.g. docker:org/image:tag")
+    how.add_argument("--container-runtime", help="shifter (default) or podman-hpc")
+    how.add_argument(
+        "--container-arg",
+        action="append",
+        default=[],
+        dest="container_args",
+        help="extra argument for the container runtime (repeatable)",
+    )
+    how.add_argument("--cwd", help="directory the kernel starts in")
+    how.add_argument("--launch-timeout", type=float, help="seconds allowed for the setup")
+    argv = how.add_mutually_exclusive_group()
+    argv.add_argument(
+        "--python",
+        help="the Python that runs ipykernel (default: `python` as found after the setup)",
+    )
+    argv.add_argument(
+        "--kernel-argv",
+        help="the whole kernel command, shell-style; must contain {connection_file}",
+    )
+    how.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not check here that the modules exist (e.g. they exist only where "
+        "the kernel runs)",
+    )
+
+    listing = commands.add_parser("list", help="list installed kernel specs that use us")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    show = commands.add_parser(
+        "show", help="print the exact wrapper and command a kernel spec would run"
+    )
+    show.add_argument("name")
+
+    remove = commands.add_parser("remove", help="remove an installed kernel spec of ours")
+    remove.add_argument("name")
+    return parser
+
+
+def _install(args: argparse.Namespace) -> int:
+    config: dict[str, Any] = {
+        "modules": args.modules,
+        "purge": args.purge or None,
+        "module_init": args.module_init,
+        "module_use": args.module_use,
+        "setup": args.setup,
+        "container": args.container,
+        "container_runtime": args.container_runtime,
+        "container_args": args.container_args,
+        "cwd": args.cwd,
+        "launch_timeout": args.launch_timeout,
+    }
+    kernel_argv = None
+    if args.kernel_argv:
+        kernel_argv = shlex.split(args.kernel_argv)
+    elif args.python:
+        kernel_argv = [args.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    name = args.name or args.provisioner
+    spec = build_kernel_spec(
+        args.provisioner,
+        config=config,
+        display_name=args.display_name,
+        argv=kernel_argv,
+        env=dict(args.env),
+    )
+    if args.modules and not args.no_check:
+        unknown = missing_modules(args.modules, args.module_init or "auto", args.module_use)
+        if unknown:
+            raise ConfigError(
+                f"unknown module(s): {', '.join(unknown)}",
+                hint="check the names with `module avail` or `module spider`; "
+                "use --no-check if they exist only where the kernel runs",
+            )
+    path = install_kernel_spec(
+        spec, name, user=args.user, prefix=args.prefix, sys_prefix=args.sys_prefix
+    )
+    print(f"Installed kernel spec {name} in {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    specs = list_kernel_specs()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    s.name: {
+                        "resource_dir": s.resource_dir,
+                        "provisioner": s.provisioner,
+                        "config": s.config,
+                    }
+                    for s in specs
+                },
+                indent=1,
+            )
+        )
+        return 0
+    if not specs:
+        print("No kernel specs use nersc_provisioner; write one with `install`.")
+        return 0
+    for s in specs:
+        print(f"{s.name}  ({s.provisioner})  {s.resource_dir}")
+        for key, value in sorted(s.config.items()):
+            print(f"    {key} = {json.dumps(value)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    installed = get_kernel_spec(args.name)
+    plan = launch_plan(args.name)
+    print(f"# kernel spec {installed.name} ({installed.provisioner}): {installed.resource_dir}")
+    if installed.spec.get("env"):
+        print("# environment added to the kernel's:")
+        for key, value in installed.spec["env"].items():
+            print(f"#   {key}={value}")
+    if plan.script is None:
+        print("# no wrapper needed: the kernel runs directly")
+    else:
+        print("# wrapper script (bash), generated at launch:")
+        print(plan.script, end="")
+    print("# command ({connection_file} and <status-fd> are filled in at launch):")
+    print(join(plan.command))
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    print(f"Removed {remove_kernel_spec(args.name)}")
+    return 0
+
+
+_COMMANDS = {"install": _install, "list": _list, "show": _show, "remove": _remove}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except NERSCProvisionerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

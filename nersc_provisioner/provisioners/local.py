@@ -1,0 +1,197 @@
+"""``nersc-local``: a kernel on this machine, through the generated module wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.launcher import launch_kernel
+from jupyter_client.provisioning import LocalProvisioner
+
+from ..errors import LaunchTimeout
+from ..launchers.wrapper import (
+    READY_MARKER,
+    EnvironmentSetup,
+    build_script,
+    launch_error_from_exit,
+    wrap_command,
+)
+from ..transports.local import StatusPipe, reap_session
+from .options import WrapperOptions
+
+#: The kernel argv used when kernel.json has none.
+DEFAULT_KERNEL_ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+
+#: argv[0] values that jupyter_client replaces with its own ``sys.executable``.
+PYTHON_NAMES = frozenset(
+    {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+)
+
+# How long a wrapper that reported failure may take to exit before it is killed.
+_EXIT_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What would run: the wrapper script (None if none is needed) and the full argv."""
+
+    script: str | None
+    command: list[str]
+
+
+def target_argv(spec_argv: Sequence[str], formatted: Sequence[str], wrapped: bool) -> list[str]:
+    """The kernel argv to run.
+
+    jupyter_client swaps a bare ``python`` for its own interpreter.  Through a
+    wrapper (modules, setup lines, a container) the user means the ``python``
+    that the environment provides, so the swap is undone there.
+    """
+    argv = list(formatted)
+    if wrapped and spec_argv and argv and spec_argv[0] in PYTHON_NAMES:
+        argv[0] = spec_argv[0]
+    return argv
+
+
+class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[misc]
+    """Start a kernel on this machine, after ``module load``, setup lines, or in a container.
+
+    Without any of those settings it behaves exactly like jupyter_client's
+    ``local-provisioner``.
+    """
+
+    provisioner_name = "nersc-local"
+
+    _setup: EnvironmentSetup | None = None
+    _session_id: int | None = None
+    _launch_cwd: str | None = None
+
+    def _mounts(self) -> tuple[str, ...]:
+        mounts = []
+        connection_file = getattr(self.parent, "connection_file", "")
+        if connection_file:
+            mounts.append(os.path.dirname(os.path.realpath(connection_file)))
+        if self.cwd:
+            mounts.append(self.cwd)
+        return tuple(mounts)
+
+    def launch_plan(self, kernel_cmd: Sequence[str]) -> LaunchPlan:
+        """The wrapper and command that would run ``kernel_cmd`` (for ``show``)."""
+        setup = self.environment_setup(mounts=self._mounts())
+        if not setup.needed:
+            return LaunchPlan(script=None, command=list(kernel_cmd))
+        return LaunchPlan(
+            script=build_script(setup),
+            command=wrap_command(setup, kernel_cmd, "<status-fd>"),
+        )
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        if self.kernel_spec is not None and not self.kernel_spec.argv:
+            self.kernel_spec.argv = list(DEFAULT_KERNEL_ARGV)
+        kwargs = await super().pre_launch(**kwargs)
+        self._setup = self.environment_setup(mounts=self._mounts())
+        spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        kwargs["cmd"] = target_argv(spec_argv, kwargs["cmd"], self._setup.needed)
+        return kwargs
+
+    def _popen(self, cmd: list[str], **kwargs: Any) -> None:
+        # LocalProvisioner.launch_kernel would store the launch cwd in `cwd`,
+        # which is a setting of ours; so the process is started here.
+        self._launch_cwd = kwargs.get("cwd") or os.getcwd()
+        self.process = launch_kernel(cmd, **self._scrub_kwargs(kwargs))
+        self.pid = self._session_id = self.process.pid
+        try:
+            self.pgid = os.getpgid(self.process.pid)
+        except OSError:
+            self.pgid = None
+
+    def resolve_path(self, path_str: str) -> str | None:
+        path = Path(path_str).expanduser()
+        if not path.is_absolute():
+            path = Path(self.cwd or self._launch_cwd or os.getcwd()) / path
+        return path.resolve().as_posix() if path.exists() else None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        setup = self._setup
+        if setup is None or not setup.needed:
+            self._popen(cmd, **kwargs)
+            return self.connection_info
+
+        started = time.monotonic()
+        status = StatusPipe()
+        try:
+            self._popen(
+                wrap_command(setup, cmd, str(status.write_fd)),
+                pass_fds=(status.write_fd,),
+                **kwargs,
+            )
+            status.close_write_end()
+            try:
+                ready = await status.wait_for(READY_MARKER, self.launch_timeout)
+            except asyncio.TimeoutError:
+                await self._abandon_launch()
+                raise LaunchTimeout(
+                    f"the environment setup did not finish within {self.launch_timeout:g} s",
+                    hint="raise launch_timeout, or find the slow or hanging module/setup line "
+                    "with `python -m nersc_provisioner show NAME`",
+                    command=cmd,
+                    stderr=status.text,
+                ) from None
+        finally:
+            status.close()
+
+        if not ready:
+            exit_code = await self._exit_code_of_failed_wrapper()
+            await self._abandon_launch()
+            raise launch_error_from_exit(exit_code, status.text, cmd)
+
+        elapsed = time.monotonic() - started
+        if status.text:
+            self.log.info("nersc-local: environment setup printed:\n%s", status.text)
+        self.log.info(
+            "nersc-local: environment ready in %.2f s (modules: %s), kernel pid %s",
+            elapsed,
+            " ".join(setup.modules) or "none",
+            self.pid,
+        )
+        return self.connection_info
+
+    async def _exit_code_of_failed_wrapper(self) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        try:
+            return await asyncio.to_thread(process.wait, _EXIT_GRACE)
+        except Exception:  # the wrapper closed its status pipe but did not exit
+            return None
+
+    async def _abandon_launch(self) -> None:
+        """After a failed start: leave no process, no cached ports, no connection file."""
+        if self._session_id is not None:
+            await asyncio.to_thread(reap_session, self._session_id)
+            self._session_id = None
+        if self.process is not None:
+            await asyncio.to_thread(self.process.wait)
+            self.process = None
+        await self.cleanup(restart=False)
+        cleanup_connection_file = getattr(self.parent, "cleanup_connection_file", None)
+        if cleanup_connection_file is not None:
+            cleanup_connection_file()
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if self._session_id is not None and self.process is None:
+            leftovers = await asyncio.to_thread(reap_session, self._session_id)
+            if leftovers:
+                self.log.info(
+                    "nersc-local: ended %d leftover process(es) of the kernel's session %s",
+                    len(leftovers),
+                    self._session_id,
+                )
+            self._session_id = None

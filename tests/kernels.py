@@ -1,0 +1,45 @@
+"""Talking to real kernels: run a cell, collect its output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+
+@dataclass
+class CellResult:
+    status: str
+    stdout: str = ""
+    ename: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def ready_client(km: AsyncKernelManager, timeout: float = 60) -> AsyncKernelClient:
+    kc: AsyncKernelClient = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=timeout)
+    return kc
+
+
+async def run_cell(kc: AsyncKernelClient, code: str, timeout: float = 60) -> CellResult:
+    """Execute ``code`` and return its status and everything it printed."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    content = reply["content"]
+    return CellResult(status=content["status"], stdout="".join(out), ename=content.get("ename", ""))
+
+
+async def shutdown_quietly(km: AsyncKernelManager) -> None:
+    with contextlib.suppress(Exception):
+        if km.has_kernel:
+            await asyncio.wait_for(km.shutdown_kernel(now=False), 30)

@@ -1,0 +1,195 @@
+"""Real ipykernel kernels through AsyncKernelManager with ``nersc-local`` and real Lmod."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nersc_provisioner import KernelCommandError, LaunchTimeout, ModuleLoadError, SetupError
+from nersc_provisioner.transports.local import session_processes
+from tests.conftest import PYTHON_ARGV, KernelFactory
+from tests.kernels import ready_client, run_cell
+from tests.rig import require_lmod
+
+pytestmark = [pytest.mark.kernel, pytest.mark.rig]
+
+
+@pytest.fixture
+def lmod_config() -> dict[str, object]:
+    lmod = require_lmod()
+    return {"module_use": [str(lmod.modulepath)], "modules": ["nersc-test/1.0"]}
+
+
+async def test_cell_runs_and_sees_module_variable(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    km = await start_kernel(lmod_config, argv=PYTHON_ARGV)
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import os; print(os.environ.get('NERSC_TEST_MODULE'))")
+        assert result.status == "ok"
+        assert result.stdout.strip() == "nersc-test-1.0"
+    finally:
+        kc.stop_channels()
+
+
+async def test_default_argv_uses_python_found_after_setup(
+    start_kernel: KernelFactory, lmod_config: dict[str, object], tmp_path: Path
+) -> None:
+    """kernel.json without argv: `python -m ipykernel_launcher` resolved through the wrapper."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    config = {**lmod_config, "setup": [f"export PATH={bindir}:$PATH"]}
+    km = await start_kernel(config)
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import sys; print(sys.argv[0]); print(sys.executable)")
+        assert result.status == "ok"
+        assert result.stdout.splitlines()[1] == str(bindir / "python")
+    finally:
+        kc.stop_channels()
+
+
+async def test_interrupt_restart_shutdown_leave_nothing(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    km = await start_kernel(lmod_config, argv=PYTHON_ARGV)
+    kc = await ready_client(km)
+    first_pid = km.provisioner.pid  # type: ignore[union-attr]
+    # exec: the wrapper became the kernel, so the kernel runs as the launched PID.
+    assert "ipykernel_launcher" in " ".join(psutil.Process(first_pid).cmdline())
+
+    msg_id = kc.execute("import time; time.sleep(60)")
+    await asyncio.sleep(1.0)  # let the cell start sleeping
+    started = time.monotonic()
+    await km.interrupt_kernel()
+    while True:
+        reply = await kc.get_shell_msg(timeout=5)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    elapsed = time.monotonic() - started
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert elapsed < 1.0, f"interrupt took {elapsed:.2f} s"
+
+    await km.restart_kernel()
+    await kc.wait_for_ready(timeout=60)
+    second_pid = km.provisioner.pid  # type: ignore[union-attr]
+    assert second_pid != first_pid
+    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
+    result = await run_cell(kc, "import os; print(os.environ['NERSC_TEST_MODULE'])")
+    assert result.stdout.strip() == "nersc-test-1.0"
+
+    kc.stop_channels()
+    await km.shutdown_kernel()
+    assert not psutil.pid_exists(second_pid)
+    assert session_processes(first_pid) == []
+    assert session_processes(second_pid) == []
+
+
+async def test_background_process_from_setup_is_reaped_at_shutdown(
+    start_kernel: KernelFactory, lmod_config: dict[str, object], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    config = {**lmod_config, "setup": [f"(sleep 300 & echo $! > {pidfile}) 2>/dev/null"]}
+    km = await start_kernel(config, argv=PYTHON_ARGV)
+    kc = await ready_client(km)
+    kc.stop_channels()
+    daemon = int(pidfile.read_text())
+    assert psutil.pid_exists(daemon)
+    await km.shutdown_kernel()
+    assert not psutil.pid_exists(daemon)
+
+
+async def test_broken_module_fails_fast_with_lmod_message(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    config = {**lmod_config, "modules": ["nersc-test/1.0", "broken/1.0"]}
+    started = time.monotonic()
+    with pytest.raises(ModuleLoadError) as info:
+        await start_kernel(config, argv=PYTHON_ARGV)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, f"the failure took {elapsed:.1f} s"
+    text = str(info.value)
+    assert "fails on purpose" in text  # Lmod's own message, quoted
+    assert "module load broken/1.0 failed" in text
+    assert "What to do:" in text
+
+
+async def test_unknown_module_is_named(
+    start_kernel: KernelFactory, lmod_config: dict[str, object], jupyter_dirs: Path
+) -> None:
+    config = {**lmod_config, "modules": ["no-such-module"]}
+    with pytest.raises(ModuleLoadError) as info:
+        await start_kernel(config, argv=PYTHON_ARGV)
+    assert "unknown" in str(info.value)
+    assert '"no-such-module"' in str(info.value)
+    # Nothing left behind: no connection file in the runtime directory.
+    runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+    assert not list(runtime.glob("kernel-*.json"))
+
+
+async def test_failing_setup_line_fails_fast(start_kernel: KernelFactory) -> None:
+    with pytest.raises(SetupError) as info:
+        await start_kernel({"setup": ["conda-not-here activate myenv"]}, argv=PYTHON_ARGV)
+    assert "setup line 1 failed" in str(info.value)
+    assert "conda-not-here" in str(info.value)
+
+
+async def test_missing_ipykernel_is_reported(start_kernel: KernelFactory) -> None:
+    argv = [sys.executable, "-m", "no_such_kernel_package", "-f", "{connection_file}"]
+    with pytest.raises(KernelCommandError) as info:
+        await start_kernel({"setup": ["true"]}, argv=argv)
+    assert "cannot import no_such_kernel_package" in str(info.value)
+
+
+async def test_hanging_setup_times_out_and_is_killed(
+    start_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "setup.pid"
+    config = {"setup": [f"echo $$ > {pidfile}; sleep 300"], "launch_timeout": 1.5}
+    with pytest.raises(LaunchTimeout) as info:
+        await start_kernel(config, argv=PYTHON_ARGV)
+    assert "1.5 s" in str(info.value)
+    assert not psutil.pid_exists(int(pidfile.read_text()))
+
+
+async def test_env_is_applied_as_jupyter_client_does(start_kernel: KernelFactory) -> None:
+    env = {"NPR_PLAIN": "plain", "NPR_TEMPLATE": "home=${HOME}"}
+    km = await start_kernel({"setup": ["true"]}, argv=PYTHON_ARGV, env=env)
+    kc = await ready_client(km)
+    try:
+        code = "import os, json; print(json.dumps([os.environ[k] for k in ('NPR_PLAIN', 'NPR_TEMPLATE')]))"
+        result = await run_cell(kc, code)
+        assert json.loads(result.stdout) == ["plain", f"home={os.environ['HOME']}"]
+    finally:
+        kc.stop_channels()
+
+
+async def test_connection_key_in_no_command_line(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    km = await start_kernel(lmod_config, argv=PYTHON_ARGV)
+    kc = await ready_client(km)
+    kc.stop_channels()
+    key = km.session.key
+    assert len(key) >= 16
+    seen = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        seen += 1
+        assert key not in cmdline, f"key found in the command line of pid {proc.name}"
+    assert seen > 10
