@@ -164,7 +164,7 @@ def _install(args: argparse.Namespace) -> int:
         kernel_argv = shlex.split(args.kernel_argv)
     elif args.python:
         kernel_argv = [args.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    name = args.name or args.provisioner
+    name = args.provisioner if args.name is None else args.name
     spec = build_kernel_spec(
         args.provisioner,
         config=config,
@@ -228,7 +228,11 @@ def _show(args: argparse.Namespace) -> int:
         print("# wrapper script (bash), generated at launch:")
         print(plan.script, end="")
     print("# command ({connection_file} and <status-fd> are filled in at launch):")
-    print(join(plan.command))
+    if plan.script is None:
+        print(join(plan.command))
+    else:
+        at = plan.command.index(plan.script)
+        print(" ".join([join(plan.command[:at]), '"$WRAPPER_ABOVE"', join(plan.command[at + 1 :])]))
     return 0
 
 

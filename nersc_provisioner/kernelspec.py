@@ -101,7 +101,7 @@ def install_kernel_spec(
     if sys_prefix:
         prefix = sys.prefix
     with tempfile.TemporaryDirectory() as staging:
-        Path(staging, "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
+        Path(staging, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
         try:
             return str(
                 KernelSpecManager().install_kernel_spec(

@@ -111,7 +111,7 @@ class WrapperOptions(LoggingConfigurable):  # type: ignore[misc]
         value = str(proposal["value"])
         if value not in MODULE_INIT_CHOICES and not os.path.isabs(value):
             raise TraitError(
-                f"must be one of {', '.join(MODULE_INIT_CHOICES)} or an absolute path, "
+                f"module_init must be one of {', '.join(MODULE_INIT_CHOICES)} or an absolute path, "
                 f"not {value!r}"
             )
         return value
@@ -120,14 +120,14 @@ class WrapperOptions(LoggingConfigurable):  # type: ignore[misc]
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
         if value not in RUNTIMES:
-            raise TraitError(f"must be one of {', '.join(RUNTIMES)}, not {value!r}")
+            raise TraitError(f"container_runtime must be one of {', '.join(RUNTIMES)}, not {value!r}")
         return value
 
     @validate("launch_timeout")
     def _check_timeout(self, proposal: dict[str, Any]) -> float:
         value = float(proposal["value"])
         if value <= 0:
-            raise TraitError(f"must be a positive number of seconds, not {value}")
+            raise TraitError(f"launch_timeout must be a positive number of seconds, not {value}")
         return value
 
     def __init__(self, **kwargs: Any) -> None:

@@ -1,0 +1,161 @@
+"""The install CLI, the reference kernel specs in entry_points/, and provisioner discovery."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+
+from nersc_provisioner import (
+    ConfigError,
+    KernelSpecError,
+    NERSCLocalProvisioner,
+    UnsafeValueError,
+    build_kernel_spec,
+    install_kernel_spec,
+)
+from nersc_provisioner.cli import main
+from tests.rig import require_lmod
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY_POINTS = sorted(p for p in (REPO / "entry_points").iterdir() if p.is_dir())
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nersc_provisioner", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=60,
+        check=False,
+    )
+
+
+def test_jupyter_lists_our_provisioner() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter", "kernelspec", "provisioners"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "nersc-local" in out
+    assert "nersc_provisioner.provisioners.local:NERSCLocalProvisioner" in out
+
+
+def test_help_explains_itself() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for word in ("install", "list", "show", "remove", "kernel-helper.sh", "examples:"):
+        assert word in result.stdout
+    install_help = cli("install", "--help").stdout
+    for flag in ("--name", "--user", "--prefix", "--sys-prefix", "--env", "--module", "--purge",
+                 "--setup", "--container", "--provisioner", "--python", "--kernel-argv"):  # fmt: skip
+        assert flag in install_help
+
+
+def test_install_list_show_remove_round_trip(jupyter_dirs: Path) -> None:
+    result = cli(
+        "install", "--user", "--name", "round-trip", "--setup", "export A=1",
+        "--env", "MY_VAR", "my value", "--no-check", "--module", "python",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folder = jupyter_dirs / "kernels" / "round-trip"
+    spec = json.loads((folder / "kernel.json").read_text())
+    assert set(spec) == {"argv", "display_name", "language", "env", "metadata"}
+    assert spec["env"] == {"MY_VAR": "my value"}
+    assert spec["metadata"]["kernel_provisioner"] == {
+        "provisioner_name": "nersc-local",
+        "config": {"modules": ["python"], "setup": ["export A=1"]},
+    }
+
+    listed = json.loads(cli("list", "--json").stdout)
+    assert listed["round-trip"]["config"] == {"modules": ["python"], "setup": ["export A=1"]}
+    assert "round-trip  (nersc-local)" in cli("list").stdout
+
+    shown = cli("show", "round-trip")
+    assert shown.returncode == 0, shown.stderr
+    assert "module load python || npr_fail 91" in shown.stdout
+    assert "eval 'export A=1'" in shown.stdout
+    assert "MY_VAR=my value" in shown.stdout
+    assert "-m ipykernel_launcher -f '{connection_file}'" in shown.stdout
+
+    removed = cli("remove", "round-trip")
+    assert removed.returncode == 0, removed.stderr
+    assert not folder.exists()
+    assert "round-trip" not in cli("list").stdout
+    gone = cli("show", "round-trip")
+    assert gone.returncode == 1
+    assert "no kernel spec named 'round-trip'" in gone.stderr
+
+
+def test_install_rejects_unknown_module(jupyter_dirs: Path) -> None:
+    lmod = require_lmod()
+    result = cli(
+        "install", "--user", "--name", "bad", "--module-use", str(lmod.modulepath),
+        "--module", "nersc-test/1.0", "--module", "no-such-module",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "unknown module(s): no-such-module" in result.stderr
+    assert "nersc-test" not in result.stderr.split("What to do")[0].replace("no-such", "")
+    assert not (jupyter_dirs / "kernels" / "bad").exists()
+    ok = cli(
+        "install", "--user", "--name", "good", "--module-use", str(lmod.modulepath),
+        "--module", "nersc-test/1.0",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_permission_error_suggests_user(
+    jupyter_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(self: KernelSpecManager, *args: object, **kwargs: object) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", "/usr/local/share/jupyter")
+
+    monkeypatch.setattr(KernelSpecManager, "install_kernel_spec", denied)
+    with pytest.raises(KernelSpecError, match="--user"):
+        install_kernel_spec(build_kernel_spec(), "x")
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/b", "", "-rf", "a b", "$(touch /tmp/pwned)", "x;y", "a\nb"]
+)
+def test_hostile_kernel_names_are_rejected(jupyter_dirs: Path, name: str) -> None:
+    with pytest.raises(UnsafeValueError, match="invalid kernel name"):
+        install_kernel_spec(build_kernel_spec(), name)
+    assert main(["install", "--user", f"--name={name}"]) == 1
+
+
+def test_build_kernel_spec_validates() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_kernel_spec(config={"module": ["python"]})
+    with pytest.raises(ConfigError, match="connection_file"):
+        build_kernel_spec(argv=["python", "-m", "ipykernel_launcher"])
+    with pytest.raises(ConfigError, match="unknown provisioner"):
+        build_kernel_spec("nersc-nowhere")
+    with pytest.raises(UnsafeValueError, match="environment variable name"):
+        build_kernel_spec(env={"NOT VALID": "x"})
+
+
+@pytest.mark.parametrize("folder", ENTRY_POINTS, ids=[p.name for p in ENTRY_POINTS])
+def test_entry_point_is_what_install_writes(folder: Path, tmp_path: Path, jupyter_dirs: Path) -> None:
+    command = shlex.split((folder / "install-command.txt").read_text())
+    assert command[:3] == ["python", "-m", "nersc_provisioner"]
+    assert main([*command[3:], "--prefix", str(tmp_path)]) == 0
+    written = tmp_path / "share" / "jupyter" / "kernels" / folder.name / "kernel.json"
+    assert json.loads(written.read_text()) == json.loads((folder / "kernel.json").read_text())
+
+    ksm = KernelSpecManager(kernel_dirs=[str(folder.parent)])
+    spec = ksm.get_kernel_spec(folder.name)
+    factory = KernelProvisionerFactory.instance()
+    assert factory.is_provisioner_available(spec)
+    provisioner = factory.create_provisioner_instance("k", spec, parent=None)
+    assert isinstance(provisioner, NERSCLocalProvisioner)
