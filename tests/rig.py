@@ -1,0 +1,194 @@
+"""The test rig started by ``scripts/test-rig up``, as seen from the tests.
+
+``scripts/test-rig up`` (run as root) starts real services and describes them in
+``<state dir>/rig.json``; the state dir is ``$NERSC_RIG_DIR`` or
+``/var/tmp/nersc-provisioner-rig``. The pieces:
+
+- ``lmod``: Lmod with the repo's ``tests/modulefiles`` (``nersc-test/1.0``, ``nersc-test/2.0``,
+  ``broken/1.0``);
+- ``ssh``: an OpenSSH sshd "remote login node" at 10.203.0.2 inside network namespace
+  ``npr-remote``, user ``nerscuser``, host key pinned in a known_hosts file, and a CA key
+  whose signed user certificates sshd accepts;
+- ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd) with partition ``debug``.
+
+Tests call :func:`require_rig` (or :func:`require_lmod`, :func:`require_ssh`,
+:func:`require_slurm`): when the piece is missing or not alive the test is skipped, or
+fails when ``CI=true``, with a reason that says how to start the rig.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+DEFAULT_RIG_DIR = Path("/var/tmp/nersc-provisioner-rig")
+PIECES = ("lmod", "ssh", "slurm")
+UP_HINT = "start it with `scripts/test-rig up` (as root)"
+
+
+def rig_dir() -> Path:
+    """The rig's state directory: ``$NERSC_RIG_DIR`` or the default."""
+    return Path(os.environ.get("NERSC_RIG_DIR") or DEFAULT_RIG_DIR)
+
+
+@dataclass(frozen=True)
+class LmodRig:
+    init: Path
+    modulepath: Path
+
+
+@dataclass(frozen=True)
+class SSHRig:
+    netns: str
+    host: str
+    port: int
+    user: str
+    identity_file: Path
+    known_hosts: Path
+    ca_key: Path
+    sshd_pidfile: Path
+    sshd_config: Path
+
+
+@dataclass(frozen=True)
+class SlurmRig:
+    conf: Path
+    partition: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Rig:
+    """What ``rig.json`` says; a piece is ``None`` when rig.json has no entry for it."""
+
+    directory: Path
+    lmod: LmodRig | None = None
+    ssh: SSHRig | None = None
+    slurm: SlurmRig | None = None
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> Rig:
+        """Read ``<directory>/rig.json``; raises OSError or ValueError if it is unusable."""
+        directory = rig_dir() if directory is None else directory
+        data = json.loads((directory / "rig.json").read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{directory / 'rig.json'}: expected a JSON object")
+        try:
+            return cls(
+                directory=directory,
+                lmod=_lmod(data["lmod"]) if "lmod" in data else None,
+                ssh=_ssh(data["ssh"]) if "ssh" in data else None,
+                slurm=_slurm(data["slurm"]) if "slurm" in data else None,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{directory / 'rig.json'}: malformed entry: {exc!r}") from exc
+
+
+def _lmod(d: dict[str, Any]) -> LmodRig:
+    return LmodRig(init=Path(d["init"]), modulepath=Path(d["modulepath"]))
+
+
+def _ssh(d: dict[str, Any]) -> SSHRig:
+    return SSHRig(
+        netns=str(d["netns"]),
+        host=str(d["host"]),
+        port=int(d["port"]),
+        user=str(d["user"]),
+        identity_file=Path(d["identity_file"]),
+        known_hosts=Path(d["known_hosts"]),
+        ca_key=Path(d["ca_key"]),
+        sshd_pidfile=Path(d["sshd_pidfile"]),
+        sshd_config=Path(d["sshd_config"]),
+    )
+
+
+def _slurm(d: dict[str, Any]) -> SlurmRig:
+    return SlurmRig(conf=Path(d["conf"]), partition=str(d["partition"]), node=str(d["node"]))
+
+
+def _pid_running(pidfile: Path, comm: str) -> bool:
+    try:
+        pid = int(pidfile.read_text().strip())
+        return Path(f"/proc/{pid}/comm").read_text().strip() == comm
+    except (OSError, ValueError):
+        return False
+
+
+def _problem(rig: Rig, piece: str) -> str | None:
+    """Why ``piece`` is unusable, or None if it is up."""
+    if piece == "lmod":
+        if rig.lmod is None:
+            return "rig.json has no 'lmod' entry"
+        if not rig.lmod.init.is_file():
+            return f"Lmod init script {rig.lmod.init} is missing (is lmod installed?)"
+        if not rig.lmod.modulepath.is_dir():
+            return f"modulepath {rig.lmod.modulepath} is missing"
+        return None
+    if piece == "ssh":
+        if rig.ssh is None:
+            return "rig.json has no 'ssh' entry"
+        if not _pid_running(rig.ssh.sshd_pidfile, "sshd"):
+            return f"sshd is not running (pidfile {rig.ssh.sshd_pidfile})"
+        try:
+            socket.create_connection((rig.ssh.host, rig.ssh.port), timeout=3).close()
+        except OSError as exc:
+            return f"sshd at {rig.ssh.host}:{rig.ssh.port} does not answer: {exc}"
+        return None
+    if piece == "slurm":
+        if rig.slurm is None:
+            return "rig.json has no 'slurm' entry"
+        try:
+            ping = subprocess.run(
+                ["scontrol", "ping"], capture_output=True, text=True, timeout=15, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"`scontrol ping` failed: {exc}"
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            return f"slurmctld is not up: {(ping.stdout + ping.stderr).strip()}"
+        return None
+    raise ValueError(f"unknown rig piece {piece!r}; expected one of {PIECES}")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_rig(piece: str) -> Rig:
+    """Return the rig if ``piece`` ("lmod", "ssh" or "slurm") is up; else skip (fail on CI)."""
+    if piece not in PIECES:
+        raise ValueError(f"unknown rig piece {piece!r}; expected one of {PIECES}")
+    try:
+        rig = Rig.load()
+    except (OSError, ValueError) as exc:
+        _unavailable(f"test rig not available ({exc}); {UP_HINT}")
+    problem = _problem(rig, piece)
+    if problem is not None:
+        _unavailable(f"test rig piece {piece!r} is down: {problem}; {UP_HINT}")
+    return rig
+
+
+def require_lmod() -> LmodRig:
+    lmod = require_rig("lmod").lmod
+    assert lmod is not None
+    return lmod
+
+
+def require_ssh() -> SSHRig:
+    ssh = require_rig("ssh").ssh
+    assert ssh is not None
+    return ssh
+
+
+def require_slurm() -> SlurmRig:
+    slurm = require_rig("slurm").slurm
+    assert slurm is not None
+    return slurm

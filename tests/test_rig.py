@@ -1,0 +1,255 @@
+"""The test rig (scripts/test-rig) really provides what the other tests rely on."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from tests.rig import LmodRig, SlurmRig, SSHRig, require_lmod, require_slurm, require_ssh
+
+pytestmark = pytest.mark.rig
+
+
+@pytest.fixture
+def ssh_rig() -> SSHRig:
+    return require_ssh()
+
+
+@pytest.fixture
+def slurm_rig() -> SlurmRig:
+    return require_slurm()
+
+
+@pytest.fixture
+def lmod_rig() -> LmodRig:
+    return require_lmod()
+
+
+# --- ssh: the "remote login node" in netns npr-remote -----------------------------
+
+
+def connect(ssh: SSHRig, known_hosts: Path, key: Path | None = None) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(known_hosts))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            ssh.host,
+            port=ssh.port,
+            username=ssh.user,
+            key_filename=str(key or ssh.identity_file),
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=10,
+            banner_timeout=10,
+            auth_timeout=10,
+        )
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def run_remote(client: paramiko.SSHClient, command: str) -> str:
+    _, stdout, stderr = client.exec_command(command, timeout=30)
+    out = stdout.read().decode()
+    status = stdout.channel.recv_exit_status()
+    assert status == 0, f"{command!r} exited {status}: {stderr.read().decode()}"
+    return out
+
+
+def test_sshd_answers_inside_netns(ssh_rig: SSHRig) -> None:
+    client = connect(ssh_rig, ssh_rig.known_hosts)
+    with client:
+        assert run_remote(client, "id -un").strip() == ssh_rig.user
+        remote_addrs = run_remote(client, "hostname -I").split()
+    assert ssh_rig.host in remote_addrs
+    # It is a different network stack: the root namespace's addresses are not there.
+    assert "10.203.0.1" not in remote_addrs
+
+
+@pytest.fixture
+def netns_listener(ssh_rig: SSHRig) -> Iterator[int]:
+    """A TCP listener on 127.0.0.1:<port> inside the netns; yields the port."""
+    with socket.socket() as probe:  # a port that is free in the root namespace
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ssh_rig.netns, sys.executable, "-c", code, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", "listener in the netns did not start"
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_netns_loopback_is_not_reachable_from_root_ns(ssh_rig: SSHRig, netns_listener: int) -> None:
+    port = netns_listener
+    inside = subprocess.run(
+        ["ip", "netns", "exec", ssh_rig.netns, sys.executable, "-c",
+         f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=5).close()"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert inside.returncode == 0, f"listener not reachable inside the netns: {inside.stderr}"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def make_key(directory: Path, name: str) -> Path:
+    key = directory / name
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+        check=True,
+        timeout=30,
+    )
+    return key
+
+
+def test_unknown_host_key_is_rejected(ssh_rig: SSHRig, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
+        connect(ssh_rig, empty)
+
+
+def test_wrong_pinned_host_key_is_rejected(ssh_rig: SSHRig, tmp_path: Path) -> None:
+    other = make_key(tmp_path, "other_host_key")
+    pinned = tmp_path / "known_hosts"
+    pubkey = " ".join(other.with_suffix(".pub").read_text().split()[:2])
+    pinned.write_text(f"{ssh_rig.host} {pubkey}\n")
+    with pytest.raises(paramiko.BadHostKeyException):
+        connect(ssh_rig, pinned)
+
+
+def test_user_certificate_signed_by_rig_ca_is_accepted(ssh_rig: SSHRig, tmp_path: Path) -> None:
+    key = make_key(tmp_path, "id_cert_user")
+    # Not in authorized_keys: the bare key is refused ...
+    with pytest.raises(paramiko.AuthenticationException):
+        connect(ssh_rig, ssh_rig.known_hosts, key=key)
+    # ... and accepted once the rig's CA signs a short-lived certificate for it.
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ssh_rig.ca_key), "-I", f"rig-test-{uuid.uuid4().hex}",
+         "-n", ssh_rig.user, "-V", "-1m:+5m", str(key.with_suffix(".pub"))],
+        check=True, timeout=30,
+    )  # fmt: skip
+    assert (tmp_path / "id_cert_user-cert.pub").is_file()
+    with connect(ssh_rig, ssh_rig.known_hosts, key=key) as client:
+        assert run_remote(client, "id -un").strip() == ssh_rig.user
+
+
+# --- slurm ----------------------------------------------------------------------
+
+
+def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def queued_job_ids() -> set[str]:
+    result = run(["squeue", "-h", "-o", "%i"], timeout=30)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_sbatch_job_runs_and_sees_its_job_id(slurm_rig: SlurmRig, tmp_path: Path) -> None:
+    out = tmp_path / "job_id.txt"
+    result = run(
+        ["sbatch", "--wait", "--parsable", "-p", slurm_rig.partition, "-N1", "-t", "2",
+         "-o", str(tmp_path / "slurm-%j.out"), "--wrap", f'echo "$SLURM_JOB_ID" > {out}'],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    submitted = result.stdout.strip().split(";")[0]
+    written = out.read_text().strip()
+    assert re.fullmatch(r"[0-9]+", written), written
+    assert written == submitted
+
+
+def test_srun_runs_on_the_rig_node(slurm_rig: SlurmRig) -> None:
+    result = run(["srun", "-p", slurm_rig.partition, "-N1", "-t", "1", "hostname"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == slurm_rig.node
+
+
+def test_salloc_no_shell_then_scancel_leaves_queue_empty(slurm_rig: SlurmRig) -> None:
+    name = f"npr-rig-{uuid.uuid4().hex[:8]}"
+    result = run(["salloc", "--no-shell", "-p", slurm_rig.partition, "-N1", "-t", "5", "-J", name])
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"Granted job allocation (\d+)", result.stderr)
+    assert match, result.stderr
+    job_id = match.group(1)
+    try:
+        assert job_id in queued_job_ids()
+    finally:
+        assert run(["scancel", job_id], timeout=30).returncode == 0
+    deadline = time.monotonic() + 20
+    while job_id in queued_job_ids():
+        assert time.monotonic() < deadline, f"job {job_id} still in squeue after scancel"
+        time.sleep(0.5)
+
+
+# --- lmod -------------------------------------------------------------------------
+
+
+def module_load(lmod: LmodRig, module: str) -> subprocess.CompletedProcess[str]:
+    """`module load MODULE` in a clean bash; prints the test variables on success."""
+    script = (
+        '. "$1"; module use "$2"; module load "$3" || exit $?; '
+        'printf "%s\\n%s\\n" "$NERSC_TEST_MODULE" "$NERSC_TEST_PATH"'
+    )
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG") if k in os.environ}
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", script, "_",
+         str(lmod.init), str(lmod.modulepath), module],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "value", "path"),
+    [
+        ("nersc-test/1.0", "nersc-test-1.0", "/opt/nersc-test"),
+        ("nersc-test/2.0", "nersc-test-2.0", "/opt/nersc-test-2.0"),
+    ],
+)
+def test_module_load_sets_variables(lmod_rig: LmodRig, module: str, value: str, path: str) -> None:
+    result = module_load(lmod_rig, module)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [value, path]
+
+
+def test_broken_module_fails_with_its_message(lmod_rig: LmodRig) -> None:
+    result = module_load(lmod_rig, "broken/1.0")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    # Lmod wraps its messages at the terminal width: compare with whitespace normalized.
+    stderr = " ".join(result.stderr.split())
+    assert "broken/1.0: this modulefile fails on purpose (test rig)" in stderr
+
+
+def test_unknown_module_fails(lmod_rig: LmodRig) -> None:
+    result = module_load(lmod_rig, "no-such-module")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    stderr = " ".join(result.stderr.split())
+    assert 'The following module(s) are unknown: "no-such-module"' in stderr
