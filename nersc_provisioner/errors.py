@@ -98,13 +98,21 @@ class CommandError(NERSCProvisionerError):
     """A helper command (not the kernel) failed."""
 
     def __init__(
-        self, command: Sequence[str], exit_code: int | None, stdout: str, stderr: str, *, hint: str = ""
+        self,
+        command: Sequence[str],
+        exit_code: int | None,
+        stdout: str,
+        stderr: str,
+        *,
+        hint: str = "",
     ) -> None:
         self.command = list(command)
         self.exit_code = exit_code
         self.stdout = stdout
         self.stderr = stderr
-        message = f"command {self.command[0] if self.command else '?'} failed (exit code {exit_code})"
+        message = (
+            f"command {self.command[0] if self.command else '?'} failed (exit code {exit_code})"
+        )
         if tail(stderr):
             message += ":\n" + tail(stderr)
         super().__init__(message, hint=hint)

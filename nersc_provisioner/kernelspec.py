@@ -82,9 +82,7 @@ def build_kernel_spec(
     }
     if env:
         spec["env"] = dict(env)
-    spec["metadata"] = {
-        "kernel_provisioner": {"provisioner_name": provisioner, "config": settings}
-    }
+    spec["metadata"] = {"kernel_provisioner": {"provisioner_name": provisioner, "config": settings}}
     return spec
 
 
@@ -206,6 +204,4 @@ def missing_modules(
         return []
     script = build_module_probe(modules, module_init, module_use)
     result = run_command(["bash", "--noprofile", "--norc", "-c", script], check=False)
-    return parse_module_probe(
-        modules, result.returncode, result.stdout, result.stderr, module_init
-    )
+    return parse_module_probe(modules, result.returncode, result.stdout, result.stderr, module_init)

@@ -68,7 +68,8 @@ async def demo(workdir: Path) -> None:
 
     def collect(msg: dict[str, object]) -> None:
         content = msg["content"]
-        assert isinstance(content, dict)
+        if not isinstance(content, dict):
+            return
         if msg["msg_type"] == "stream":
             printed.append(content["text"])
         elif msg["msg_type"] == "execute_result":

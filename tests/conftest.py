@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ PYTHON_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_fi
 
 
 @pytest.fixture
-def jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Jupyter data, config and runtime directories of the test's own."""
     data = tmp_path / "jupyter-data"
     (data / "kernels").mkdir(parents=True)
@@ -25,10 +26,10 @@ def jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setenv("JUPYTER_PATH", str(data))
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jupyter-config"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("NERSC_PROVISIONER_"):
             monkeypatch.delenv(name)
-    yield data
+    return data
 
 
 KernelFactory = Callable[..., Any]
@@ -50,9 +51,7 @@ async def start_kernel(jupyter_dirs: Path) -> AsyncIterator[KernelFactory]:
         spec: dict[str, Any] = {
             "display_name": name,
             "language": "python",
-            "metadata": {
-                "kernel_provisioner": {"provisioner_name": provisioner, "config": config}
-            },
+            "metadata": {"kernel_provisioner": {"provisioner_name": provisioner, "config": config}},
         }
         if argv is not None:
             spec["argv"] = argv

@@ -57,8 +57,8 @@ def test_help_explains_itself() -> None:
     for word in ("install", "list", "show", "remove", "kernel-helper.sh", "examples:"):
         assert word in result.stdout
     install_help = cli("install", "--help").stdout
-    for flag in ("--name", "--user", "--prefix", "--sys-prefix", "--env", "--module", "--purge",
-                 "--setup", "--container", "--provisioner", "--python", "--kernel-argv"):  # fmt: skip
+    flags = "--name --user --prefix --sys-prefix --env --module --purge --setup --container"
+    for flag in [*flags.split(), "--provisioner", "--python", "--kernel-argv"]:
         assert flag in install_help
 
 
@@ -146,7 +146,9 @@ def test_build_kernel_spec_validates() -> None:
 
 
 @pytest.mark.parametrize("folder", ENTRY_POINTS, ids=[p.name for p in ENTRY_POINTS])
-def test_entry_point_is_what_install_writes(folder: Path, tmp_path: Path, jupyter_dirs: Path) -> None:
+def test_entry_point_is_what_install_writes(
+    folder: Path, tmp_path: Path, jupyter_dirs: Path
+) -> None:
     command = shlex.split((folder / "install-command.txt").read_text())
     assert command[:3] == ["python", "-m", "nersc_provisioner"]
     assert main([*command[3:], "--prefix", str(tmp_path)]) == 0

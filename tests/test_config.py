@@ -8,7 +8,6 @@ import pytest
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
 from nersc_provisioner import ConfigError, NERSCLocalProvisioner

@@ -169,7 +169,7 @@ async def test_env_is_applied_as_jupyter_client_does(start_kernel: KernelFactory
     km = await start_kernel({"setup": ["true"]}, argv=PYTHON_ARGV, env=env)
     kc = await ready_client(km)
     try:
-        code = "import os, json; print(json.dumps([os.environ[k] for k in ('NPR_PLAIN', 'NPR_TEMPLATE')]))"
+        code = f"import os, json; print(json.dumps([os.environ[k] for k in {list(env)!r}]))"
         result = await run_cell(kc, code)
         assert json.loads(result.stdout) == ["plain", f"home={os.environ['HOME']}"]
     finally:

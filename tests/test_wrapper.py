@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,10 +56,8 @@ def run_wrapper(setup: EnvironmentSetup, argv: list[str]) -> tuple[int, str, str
         stdout, _ = proc.communicate(timeout=30)
     finally:
         for fd in (read_fd, write_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
     return proc.returncode, status_text, stdout
 
 

@@ -50,5 +50,3 @@ def container_prefix(spec: ContainerSpec) -> list[str]:
 def runtime_program(spec: ContainerSpec | None) -> str | None:
     """The runtime's program name, or None without a container."""
     return None if spec is None else container_prefix(spec)[0]
-
-

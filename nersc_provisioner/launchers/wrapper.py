@@ -110,9 +110,7 @@ class EnvironmentSetup:
     @property
     def needed(self) -> bool:
         """Whether a wrapper is needed at all (otherwise the kernel runs directly)."""
-        return bool(
-            self.uses_modules or self.setup or self.cwd or self.exports or self.container
-        )
+        return bool(self.uses_modules or self.setup or self.cwd or self.exports or self.container)
 
     @classmethod
     def create(
@@ -220,7 +218,7 @@ def build_script(setup: EnvironmentSetup) -> str:
             # missing ipykernel fails here with a clear message (Python 3.6+).
             'if [ "${2:-}" = -m ] && [ -n "${3:-}" ]; then',
             '  "$1" -c "import sys, importlib.util as u; '
-            "sys.exit(0 if u.find_spec(sys.argv[1].split('.')[0]) else 1)\" \"$3\" || "
+            'sys.exit(0 if u.find_spec(sys.argv[1].split(\'.\')[0]) else 1)" "$3" || '
             f'npr_fail {int(Failure.KERNEL_COMMAND)} "$1 cannot import $3"',
             "fi",
         ]

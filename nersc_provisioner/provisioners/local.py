@@ -13,7 +13,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.launcher import launch_kernel
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from ..errors import LaunchTimeout
 from ..launchers.wrapper import (
@@ -59,7 +59,7 @@ def target_argv(spec_argv: Sequence[str], formatted: Sequence[str], wrapped: boo
     return argv
 
 
-class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[misc]
+class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[misc,metaclass]
     """Start a kernel on this machine, after ``module load``, setup lines, or in a container.
 
     Without any of those settings it behaves exactly like jupyter_client's

@@ -33,7 +33,7 @@ def _env_default(key: str, fallback: Any) -> Any:
     return environment_defaults().get(key, fallback)
 
 
-class WrapperOptions(LoggingConfigurable):  # type: ignore[misc]
+class WrapperOptions(LoggingConfigurable):
     """The module, setup and container settings of the generated wrapper."""
 
     provisioner_name: ClassVar[str] = ""
@@ -52,13 +52,11 @@ class WrapperOptions(LoggingConfigurable):  # type: ignore[misc]
         help="Extra shell lines run before the kernel, e.g. `conda activate myenv`. "
         "Each line runs on its own; a failing line fails the start.",
     ).tag(config=True)
-    container = Unicode(help="Container image to run the kernel in ('' for none).").tag(
+    container = Unicode(help="Container image to run the kernel in ('' for none).").tag(config=True)
+    container_runtime = Unicode(help="shifter or podman-hpc.").tag(config=True)
+    container_args = List(Unicode(), help="Extra arguments for the container runtime.").tag(
         config=True
     )
-    container_runtime = Unicode(help="shifter or podman-hpc.").tag(config=True)
-    container_args = List(
-        Unicode(), help="Extra arguments for the container runtime."
-    ).tag(config=True)
     cwd = Unicode(help="Directory the kernel starts in ('' to keep Jupyter's choice).").tag(
         config=True
     )
@@ -120,7 +118,9 @@ class WrapperOptions(LoggingConfigurable):  # type: ignore[misc]
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
         if value not in RUNTIMES:
-            raise TraitError(f"container_runtime must be one of {', '.join(RUNTIMES)}, not {value!r}")
+            raise TraitError(
+                f"container_runtime must be one of {', '.join(RUNTIMES)}, not {value!r}"
+            )
         return value
 
     @validate("launch_timeout")
