@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo rig rig-down lint typecheck pytest test clean
+.PHONY: venv demo bench rig rig-down lint typecheck pytest test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(BIN)/.installed
 demo: venv
 	scripts/ensure-lmod
 	$(BIN)/python scripts/demo.py
+
+bench: venv
+	scripts/ensure-lmod
+	$(BIN)/python benchmarks/bench_local.py
 
 rig:
 	scripts/test-rig up

@@ -23,7 +23,7 @@ from ..launchers.wrapper import (
     launch_error_from_exit,
     wrap_command,
 )
-from ..transports.local import StatusPipe, reap_session
+from ..transports.local import StatusPipe, reap_session, wait_for_exit
 from .options import WrapperOptions
 
 #: The kernel argv used when kernel.json has none.
@@ -161,6 +161,18 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             self.pid,
         )
         return self.connection_info
+
+    async def wait(self) -> int | None:
+        """Wait for the kernel to exit: woken by the exit itself, not a 100 ms poll."""
+        process = self.process
+        if process is None:
+            return 0
+        code = await wait_for_exit(process)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        self.process = None
+        return code
 
     async def _exit_code_of_failed_wrapper(self) -> int | None:
         process = self.process

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import psutil
 
@@ -130,3 +131,32 @@ def reap_session(session_id: int, grace: float = 1.0) -> list[int]:
     deadline = time.monotonic() + grace
     psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
     return [proc.pid for proc in procs]
+
+
+async def wait_for_exit(process: subprocess.Popen[Any], poll_interval: float = 0.02) -> int:
+    """Wait for ``process`` to exit without blocking the event loop or a thread.
+
+    Uses a pidfd (Linux 5.3+) so the wait ends the moment the process does;
+    elsewhere it polls every ``poll_interval`` seconds.
+    """
+    code = process.poll()
+    if code is not None:
+        return code
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(process.pid)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            loop = asyncio.get_running_loop()
+            exited = asyncio.Event()
+            loop.add_reader(fd, exited.set)
+            try:
+                await exited.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+    while (code := process.poll()) is None:
+        await asyncio.sleep(poll_interval)
+    return code
