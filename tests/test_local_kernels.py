@@ -12,7 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nersc_provisioner import KernelCommandError, LaunchTimeout, ModuleLoadError, SetupError
+from nersc_provisioner import (
+    KernelCommandError,
+    LaunchTimeout,
+    ModuleLoadError,
+    ModuleSystemError,
+    SetupError,
+    missing_modules,
+)
 from nersc_provisioner.transports.local import session_processes
 from tests.conftest import PYTHON_ARGV, KernelFactory
 from tests.kernels import ready_client, run_cell
@@ -195,3 +202,99 @@ async def test_connection_key_in_no_command_line(
         seen += 1
         assert key not in cmdline, f"key found in the command line of pid {proc.name}"
     assert seen > 10
+
+
+HOSTILE_MODULES = ["$(touch {c})", "`touch {c}`", "x; touch {c}", "x\ntouch {c}", 'it\'s "q"']
+
+
+async def test_hostile_module_names_run_nothing(
+    start_kernel: KernelFactory, lmod_config: dict[str, object], tmp_path: Path
+) -> None:
+    canary = tmp_path / "pwned"
+    for template in HOSTILE_MODULES:
+        config = {**lmod_config, "modules": [template.format(c=canary)]}
+        with pytest.raises(ModuleLoadError):
+            await start_kernel(config, argv=PYTHON_ARGV)
+        assert not canary.exists(), template
+    names = [t.format(c=canary) for t in HOSTILE_MODULES]
+    assert missing_modules(names, module_use=lmod_config["module_use"]) == names  # type: ignore[arg-type]
+    assert not canary.exists()
+
+
+async def test_hostile_env_value_reaches_the_kernel_verbatim(
+    start_kernel: KernelFactory, lmod_config: dict[str, object], tmp_path: Path
+) -> None:
+    canary = tmp_path / "pwned"
+    value = f"$(touch {canary}) `touch {canary}`; touch {canary}\n'\" end"
+    km = await start_kernel(lmod_config, argv=PYTHON_ARGV, env={"NPR_HOSTILE": value})
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import os; print(repr(os.environ['NPR_HOSTILE']))")
+        assert result.stdout.strip() == repr(value)
+    finally:
+        kc.stop_channels()
+    assert not canary.exists()
+
+
+async def test_explicit_module_init_script(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    lmod = require_lmod()
+    config = {**lmod_config, "module_init": str(lmod.init), "modules": ["nersc-test/2.0"]}
+    km = await start_kernel(config, argv=PYTHON_ARGV)
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import os; print(os.environ['NERSC_TEST_MODULE'])")
+        assert result.stdout.strip() == "nersc-test-2.0"
+    finally:
+        kc.stop_channels()
+
+
+async def test_missing_module_init_script_is_named(
+    start_kernel: KernelFactory, lmod_config: dict[str, object]
+) -> None:
+    config = {**lmod_config, "module_init": "/nonexistent/init/bash"}
+    with pytest.raises(ModuleSystemError, match="/nonexistent/init/bash"):
+        await start_kernel(config, argv=PYTHON_ARGV)
+
+
+async def test_container_runtime_is_exec_d_with_the_kernel(
+    start_kernel: KernelFactory, tmp_path: Path
+) -> None:
+    """Shifter is not on this machine; a stand-in records its argv and runs the rest.
+
+    It checks what we hand to the runtime (``--image=...`` then the kernel argv), and
+    that the kernel started through it works; it does not test Shifter itself.
+    """
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "shifter-argv.json"
+    stand_in = bindir / "shifter"
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+        "argv = [a for a in sys.argv[1:] if not a.startswith('--image=')]\n"
+        "os.execvp(argv[0], argv)\n"
+    )
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    km = await start_kernel({"container": "docker:org/image:1"}, argv=PYTHON_ARGV, env=env)
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "print(6 * 7)")
+        assert result.stdout.strip() == "42"
+    finally:
+        kc.stop_channels()
+    argv = json.loads(record.read_text())
+    assert argv[0] == "--image=docker:org/image:1"
+    assert argv[1:4] == [sys.executable, "-m", "ipykernel_launcher"]
+
+
+async def test_missing_container_runtime_is_named(start_kernel: KernelFactory) -> None:
+    with pytest.raises(KernelCommandError, match="container runtime podman-hpc not found"):
+        await start_kernel(
+            {"container": "img", "container_runtime": "podman-hpc"},
+            argv=PYTHON_ARGV,
+            env={"PATH": "/usr/bin:/bin"},
+        )
