@@ -116,3 +116,27 @@ class CommandError(NERSCProvisionerError):
         if tail(stderr):
             message += ":\n" + tail(stderr)
         super().__init__(message, hint=hint)
+
+
+class SSHError(NERSCProvisionerError):
+    """Reaching a host over SSH failed."""
+
+
+class UnknownHostKeyError(SSHError):
+    """The host's key is not in known_hosts; it is never accepted automatically."""
+
+
+class ChangedHostKeyError(SSHError):
+    """The host's key differs from the one in known_hosts."""
+
+
+class AuthenticationError(SSHError):
+    """The host refused every key offered.  Reported once; never retried automatically."""
+
+
+class CertificateExpiredError(SSHError):
+    """The SSH certificate (e.g. NERSC sshproxy's ~/.ssh/nersc-cert.pub) is not valid now."""
+
+
+class SSHConnectError(SSHError):
+    """The host could not be reached (network, DNS, proxy)."""
