@@ -68,7 +68,7 @@ def build_kernel_spec(
     cls.check_config_keys(settings)
     cls(**settings)  # raises ConfigError naming a bad value
     kernel_argv = list(argv) if argv else list(DEFAULT_KERNEL_ARGV)
-    if "{connection_file}" not in kernel_argv:
+    if not any("{connection_file}" in arg for arg in kernel_argv):
         raise ConfigError(
             f"the kernel argv {kernel_argv} has no {{connection_file}} placeholder",
             hint="add '-f {connection_file}' so the kernel can find its connection file",
@@ -96,8 +96,13 @@ def install_kernel_spec(
 ) -> str:
     """Write ``spec`` as kernel ``name``; return the directory it was installed in."""
     check_kernel_name(name)
+    if user and (prefix or sys_prefix):
+        raise KernelSpecError(
+            "--user cannot be combined with --prefix or --sys-prefix", hint="choose one"
+        )
     if sys_prefix:
         prefix = sys.prefix
+    _refuse_to_replace_foreign(name)
     with tempfile.TemporaryDirectory() as staging:
         Path(staging, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
         try:
@@ -113,7 +118,25 @@ def install_kernel_spec(
                     hint="perhaps you want --user (your own kernels directory) "
                     "or --sys-prefix (the current environment)?",
                 ) from exc
-            raise
+            raise KernelSpecError(
+                f"cannot write kernel spec {name!r}: {exc}",
+                hint="check that the --prefix directory exists and is writable",
+            ) from exc
+
+
+def _refuse_to_replace_foreign(name: str) -> None:
+    """Installing over a kernel spec that is not ours would destroy someone's kernel."""
+    try:
+        existing = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        return
+    stanza = existing.metadata.get("kernel_provisioner", {})
+    if stanza.get("provisioner_name") not in PROVISIONERS:
+        raise KernelSpecError(
+            f"a kernel spec named {name!r} already exists in {existing.resource_dir} "
+            "and does not use nersc_provisioner",
+            hint="choose another --name, or remove it first with `jupyter kernelspec remove`",
+        )
 
 
 @dataclass(frozen=True)
@@ -198,7 +221,8 @@ def missing_modules(
 ) -> list[str]:
     """The names in ``modules`` that the local module system does not know.
 
-    Raises :class:`ConfigError` when no module system can be found.
+    Raises :class:`~nersc_provisioner.errors.ModuleSystemError` when no module
+    system can be found.
     """
     if not modules:
         return []

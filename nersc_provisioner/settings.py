@@ -28,6 +28,17 @@ _READERS: dict[str, tuple[str, dict[str, Any]]] = {
     "container_args": ("list", {"delimiter": " "}),
     "cwd": ("str", {}),
     "launch_timeout": ("float", {}),
+    # remote (nersc-cori, nersc-perlmutter)
+    "host": ("str", {}),
+    "user": ("str", {}),
+    "port": ("int", {}),
+    "identity_file": ("str", {}),
+    "ssh_config": ("str", {}),
+    "known_hosts": ("list", {"delimiter": ":"}),
+    "remote_python": ("str", {}),
+    "remote_cwd": ("str", {}),
+    "lease_timeout": ("int", {}),
+    "reconnect_grace": ("float", {}),
 }
 
 

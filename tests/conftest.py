@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,10 @@ async def start_kernel(jupyter_dirs: Path) -> AsyncIterator[KernelFactory]:
         folder = jupyter_dirs / "kernels" / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "kernel.json").write_text(json.dumps(spec))
-        km = AsyncKernelManager(kernel_name=name)
+        runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+        runtime.mkdir(parents=True, exist_ok=True)
+        connection_file = runtime / f"kernel-{uuid.uuid4()}.json"
+        km = AsyncKernelManager(kernel_name=name, connection_file=str(connection_file))
         managers.append(km)
         await km.start_kernel()
         return km

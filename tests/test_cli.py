@@ -134,6 +134,17 @@ def test_hostile_kernel_names_are_rejected(jupyter_dirs: Path, name: str) -> Non
     assert main(["install", "--user", f"--name={name}"]) == 1
 
 
+def test_install_refuses_to_replace_a_foreign_spec(jupyter_dirs: Path) -> None:
+    foreign = jupyter_dirs / "kernels" / "python3"
+    foreign.mkdir(parents=True)
+    (foreign / "kernel.json").write_text(json.dumps({"argv": ["python"], "display_name": "x"}))
+    with pytest.raises(KernelSpecError, match="does not use nersc_provisioner"):
+        install_kernel_spec(build_kernel_spec(), "python3", user=True)
+    assert json.loads((foreign / "kernel.json").read_text())["display_name"] == "x"
+    assert main(["install", "--user", "--prefix", "/tmp/x"]) == 1
+    assert main(["install", "--prefix", "/proc/nersc-provisioner-test"]) == 1
+
+
 def test_build_kernel_spec_validates() -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         build_kernel_spec(config={"module": ["python"]})

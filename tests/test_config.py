@@ -104,6 +104,30 @@ def test_bad_environment_value_names_the_variable(
         NERSCLocalProvisioner()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("NERSC_PROVISIONER_LAUNCH_TIMEOUT", "-1"),
+        ("NERSC_PROVISIONER_MODULE_INIT", "relative/path"),
+        ("NERSC_PROVISIONER_CONTAINER_RUNTIME", "docker"),
+    ],
+)
+def test_environment_values_are_validated_too(
+    jupyter_dirs: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    key = variable.removeprefix("NERSC_PROVISIONER_").lower()
+    with pytest.raises(ConfigError, match=key):
+        NERSCLocalProvisioner()
+
+
+def test_values_no_shell_can_carry_fail_at_construction(jupyter_dirs: Path) -> None:
+    with pytest.raises(ConfigError, match="NUL"):
+        NERSCLocalProvisioner(setup=["echo a\x00b"])
+    with pytest.raises(ConfigError, match="container image"):
+        NERSCLocalProvisioner(container="--privileged")
+
+
 def test_environment_reads_only_what_is_set(
     jupyter_dirs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

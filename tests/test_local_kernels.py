@@ -143,6 +143,7 @@ async def test_unknown_module_is_named(
     assert '"no-such-module"' in str(info.value)
     # Nothing left behind: no connection file in the runtime directory.
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+    assert runtime.is_dir()
     assert not list(runtime.glob("kernel-*.json"))
 
 

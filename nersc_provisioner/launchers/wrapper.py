@@ -61,6 +61,7 @@ class Failure(IntEnum):
     MODULE_LOAD = 91
     SETUP = 92
     KERNEL_COMMAND = 93
+    CONTAINER_RUNTIME = 94
 
 
 _FAILURES: dict[int, tuple[type[LaunchError], str, str]] = {
@@ -86,6 +87,12 @@ _FAILURES: dict[int, tuple[type[LaunchError], str, str]] = {
         "the kernel command cannot run",
         "install ipykernel into that Python (`python -m pip install ipykernel`), "
         "load the module that provides it, or fix the kernel argv",
+    ),
+    Failure.CONTAINER_RUNTIME: (
+        KernelCommandError,
+        "the container runtime is missing",
+        "run the kernel where Shifter or podman-hpc is installed (a NERSC login or "
+        "compute node), load its module in `modules`, or remove `container`",
     ),
 }
 
@@ -228,7 +235,7 @@ def build_script(setup: EnvironmentSetup) -> str:
         lines.append(
             f"command -v -- {quote(runtime[0])} >/dev/null 2>&1 || "
             + _fail(
-                Failure.KERNEL_COMMAND,
+                Failure.CONTAINER_RUNTIME,
                 f"container runtime {runtime[0]} not found on PATH",
             )
         )

@@ -2,16 +2,22 @@
 
 from .local import DEFAULT_KERNEL_ARGV, LaunchPlan, NERSCLocalProvisioner
 from .options import WrapperOptions
+from .remote import NERSCCoriProvisioner, NERSCPerlmutterProvisioner, NERSCRemoteProvisioner
 
 #: provisioner name (kernel.json ``provisioner_name``) -> class
 PROVISIONERS: dict[str, type[WrapperOptions]] = {
     "nersc-local": NERSCLocalProvisioner,
+    "nersc-cori": NERSCCoriProvisioner,
+    "nersc-perlmutter": NERSCPerlmutterProvisioner,
 }
 
 __all__ = [
     "DEFAULT_KERNEL_ARGV",
     "PROVISIONERS",
     "LaunchPlan",
+    "NERSCCoriProvisioner",
     "NERSCLocalProvisioner",
+    "NERSCPerlmutterProvisioner",
+    "NERSCRemoteProvisioner",
     "WrapperOptions",
 ]

@@ -22,7 +22,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
 from ..launchers.container import RUNTIMES, ContainerSpec
-from ..launchers.wrapper import MODULE_INIT_CHOICES, EnvironmentSetup
+from ..launchers.wrapper import MODULE_INIT_CHOICES, EnvironmentSetup, build_script
 from ..settings import environment_defaults
 
 # Constructor arguments that jupyter_client itself passes; not config keys.
@@ -45,7 +45,9 @@ class WrapperOptions(LoggingConfigurable):
         "lmod, environment-modules, none, or the path of an init script to source."
     ).tag(config=True)
     module_use = List(
-        Unicode(), help="Directories to `module use` before loading, e.g. ~/modulefiles."
+        Unicode(),
+        help="Directories to `module use` before loading, e.g. /global/common/software/m1234/"
+        "modulefiles (absolute paths: `~` is not expanded).",
     ).tag(config=True)
     setup = List(
         Unicode(),
@@ -134,16 +136,19 @@ class WrapperOptions(LoggingConfigurable):
         self.check_config_keys(kwargs)
         try:
             super().__init__(**kwargs)
-            # Resolve every setting now, so that a bad value from any layer
-            # fails here, with its key named, and not in the middle of a launch.
+            # Resolve and validate every setting now (defaults from the
+            # environment included), so that a bad value from any layer fails
+            # here, with its key named, and not in the middle of a launch.
             for key in self.config_keys():
-                getattr(self, key)
+                setattr(self, key, getattr(self, key))
         except TraitError as exc:
             raise ConfigError(
                 f"invalid {self.provisioner_name or type(self).__name__} setting: {exc}",
                 hint="fix the value in kernel.json (metadata.kernel_provisioner.config), "
                 "your Jupyter config, or the NERSC_PROVISIONER_* environment",
             ) from exc
+        # Values that cannot be carried to a shell (NUL bytes, a bad image) fail here too.
+        build_script(self.environment_setup())
 
     @classmethod
     def config_keys(cls) -> list[str]:

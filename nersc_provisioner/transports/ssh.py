@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class SSHTarget:
     known_hosts: tuple[str, ...] = DEFAULT_KNOWN_HOSTS
     jumps: tuple[SSHTarget, ...] = field(default=())
     proxy_command: str = ""
+    #: Connect to this address but verify the host key under ``hostname``
+    #: (set after the first login, so reconnects reach the same login node).
+    address: str = ""
 
     @property
     def known_hosts_name(self) -> str:
@@ -299,16 +303,28 @@ def connect(target: SSHTarget) -> SSHLogin:
         for hop in target.jumps:
             hop_sock = _forward(login.clients[-1], hop) if login.clients else None
             login.clients.append(_login(hop, hop_sock))
-        final_sock: paramiko.Channel | _ProxyCommand | None = None
+        final_sock: paramiko.Channel | _ProxyCommand | socket.socket | None = None
         if login.clients:
             final_sock = _forward(login.clients[-1], target)
         elif target.proxy_command:
             final_sock = login.proxy = _ProxyCommand(target.proxy_command)
+        elif target.address:
+            final_sock = _dial(target)
         login.clients.append(_login(target, final_sock))
         return login
     except BaseException:
         login.close()
         raise
+
+
+def _dial(target: SSHTarget) -> socket.socket:
+    try:
+        return socket.create_connection((target.address, target.port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise SSHConnectError(
+            f"cannot connect to {target.label} at {target.address}: {exc}",
+            hint="check the network; the login node may be down",
+        ) from exc
 
 
 def _forward(via: paramiko.SSHClient, target: SSHTarget) -> paramiko.Channel:
@@ -327,7 +343,7 @@ def _forward(via: paramiko.SSHClient, target: SSHTarget) -> paramiko.Channel:
 
 
 def _login(
-    target: SSHTarget, sock: paramiko.Channel | paramiko.ProxyCommand | None
+    target: SSHTarget, sock: paramiko.Channel | paramiko.ProxyCommand | socket.socket | None
 ) -> paramiko.SSHClient:
     """One login attempt: every key and the agent are offered within one connection."""
     client = paramiko.SSHClient()

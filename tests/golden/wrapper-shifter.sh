@@ -3,7 +3,7 @@ npr_fail() { printf "nersc_provisioner: %s\n" "$2" >&2; exit "$1"; }
 npr_fd=$1; shift
 if [ "$npr_fd" != 3 ]; then exec 3>&"$npr_fd" {npr_fd}>&-; fi
 exec 4>&2 2>&3
-command -v -- shifter >/dev/null 2>&1 || npr_fail 93 'container runtime shifter not found on PATH'
+command -v -- shifter >/dev/null 2>&1 || npr_fail 94 'container runtime shifter not found on PATH'
 printf '%s\n' NERSC_PROVISIONER_READY >&3
 exec 2>&4 3>&- 4>&-
 exec shifter --image=docker:continuumio/anaconda3:latest "$@"

@@ -1,0 +1,262 @@
+"""Remote-side scripts, built here and carried over the SSH channel at launch.
+
+Nothing of ours is installed on the remote host.  Three bash scripts travel
+over SSH:
+
+* the **launch script** (sent on the stdin of one ``exec``): makes a 0700
+  kernel directory, writes the connection file (0600, through the ``printf``
+  builtin, so the key is on no command line), starts the kernel through the
+  same wrapper as ``nersc-local`` in a session of its own, starts the
+  watchdog, and reports the kernel's PID, start time and the ports the kernel
+  chose;
+* the **agent**, one per SSH connection, on a session with a PTY (which also
+  makes sshd set TCP_NODELAY on the whole connection): answers ``alive``,
+  ``signal`` and ``cleanup`` requests, and renews the leases of the kernels
+  it watches;
+* the **watchdog**, one per kernel: ends the kernel when its lease has not
+  been renewed for ``lease_timeout`` seconds (the Jupyter side died or lost
+  contact), and removes the kernel directory when the kernel is gone.
+
+Every value is quoted by :mod:`nersc_provisioner.shell`; the protocol tokens
+(kernel ids, PIDs, signal names) are checked here before they are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import LaunchError, UnsafeValueError
+from ..shell import join, quote
+from .wrapper import READY_MARKER, EnvironmentSetup, build_script, launch_error_from_exit
+
+#: Where kernels live on the remote side, as a shell expression (expanded there).
+REMOTE_BASE = '"$HOME/.nersc_provisioner/kernels"'
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+_TOKEN = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+
+def check_token(value: str, what: str) -> str:
+    """A word that may travel unquoted in the agent protocol (ids, numbers, signal names)."""
+    if not _TOKEN.match(value):
+        raise UnsafeValueError(f"invalid {what} {value!r} for the remote agent")
+    return value
+
+
+def remote_connection_file(kernel_id: str) -> str:
+    """The remote connection file's path, as a shell expression."""
+    kid = check_token(kernel_id, "kernel id")
+    return f'"$HOME/.nersc_provisioner/kernels/{kid}/connection.json"'
+
+
+@dataclass(frozen=True)
+class RemoteLaunch:
+    """Everything the launch script needs."""
+
+    kernel_id: str
+    argv: tuple[str, ...]  # with {connection_file} still in it
+    connection: Mapping[str, object]  # key as str, ports 0, ip 127.0.0.1
+    setup: EnvironmentSetup = field(default_factory=EnvironmentSetup)
+    lease_timeout: int = 1800
+    watchdog_interval: int = 10
+
+
+def build_launch_script(launch: RemoteLaunch) -> str:
+    """The launch script, to be fed to ``bash --noprofile --norc -s`` on the remote side."""
+    kid = check_token(launch.kernel_id, "kernel id")
+    info = json.dumps(dict(launch.connection), indent=2)
+    # {connection_file} becomes "$npr_dir/connection.json": a quoted constant
+    # around the expansion of $npr_dir, never the user's text unquoted.
+    argv_words = []
+    for arg in launch.argv:
+        head, sep, tail = arg.partition("{connection_file}")
+        if sep:
+            argv_words.append(f'{quote(head)}"$npr_dir/connection.json"{quote(tail)}')
+        else:
+            argv_words.append(quote(arg))
+    wrapper = build_script(launch.setup)
+    ttl, every = int(launch.lease_timeout), int(launch.watchdog_interval)
+    return "\n".join(
+        [
+            "umask 077",
+            f"npr_base={REMOTE_BASE}",
+            f"npr_dir=$npr_base/{kid}",
+            'mkdir -p -- "$npr_base" || { echo "NPR_FAIL cannot create $npr_base"; exit 1; }',
+            'rm -rf -- "$npr_dir"',
+            'mkdir -m 700 -- "$npr_dir" || { echo "NPR_FAIL cannot create $npr_dir"; exit 1; }',
+            f'printf "%s\\n" {quote(info)} > "$npr_dir/connection.json" || '
+            '{ echo "NPR_FAIL cannot write $npr_dir/connection.json"; exit 1; }',
+            ': > "$npr_dir/lease"',
+            f"npr_wrapper={quote(wrapper)}",
+            'setsid bash --noprofile --norc -c "$npr_wrapper" nersc-kernel 3 '
+            + " ".join(argv_words)
+            + ' 3>&1 >"$npr_dir/kernel.log" 2>&1 </dev/null &',
+            "npr_pid=$!",
+            'npr_start=$(cut -d" " -f22 "/proc/$npr_pid/stat" 2>/dev/null)',
+            'printf "%s %s\\n" "$npr_pid" "$npr_start" > "$npr_dir/pid"',
+            'echo "NPR_PID $npr_pid $npr_start $(hostname)"',
+            f'setsid bash --noprofile --norc -c {quote(WATCHDOG)} npr-watchdog "$npr_dir" '
+            f'"$npr_pid" {ttl} {every} </dev/null >/dev/null 2>&1 &',
+            "while :; do",
+            '  n=$(grep -c \'_port": [1-9]\' "$npr_dir/connection.json" 2>/dev/null)',
+            '  [ "${n:-0}" -ge 5 ] && break',
+            '  if ! kill -0 "$npr_pid" 2>/dev/null; then',
+            '    wait "$npr_pid"; npr_code=$?',
+            '    echo "NPR_DIED $npr_code"',
+            '    tail -n 40 "$npr_dir/kernel.log" 2>/dev/null',
+            '    rm -rf -- "$npr_dir"',
+            "    exit 1",
+            "  fi",
+            "  sleep 0.05",
+            "done",
+            "grep '_port\"' \"$npr_dir/connection.json\" | sed 's/^/NPR_PORT /'",
+            "echo NPR_DONE",
+            "",
+        ]
+    )
+
+
+WATCHDOG = r"""# nersc_provisioner watchdog: end the kernel when its lease is not renewed
+d=$1; pid=$2; ttl=$3; every=$4
+while :; do
+  sleep "$every"
+  if ! kill -0 "$pid" 2>/dev/null || [ ! -d "$d" ]; then rm -rf -- "$d"; exit 0; fi
+  now=$(date +%s)
+  seen=$(stat -c %Y "$d/lease" 2>/dev/null || date -r "$d/lease" +%s 2>/dev/null || echo 0)
+  if [ $((now - seen)) -gt "$ttl" ]; then
+    echo "watchdog: no contact for $((now - seen)) s (lease_timeout $ttl s):" \
+      "ending kernel $pid" >> "$d/kernel.log"
+    kill -TERM -- "-$pid" 2>/dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null
+    rm -rf -- "$d"
+    exit 0
+  fi
+done
+"""
+
+AGENT = r"""# nersc_provisioner agent: one per SSH connection, on a PTY session
+stty -echo 2>/dev/null
+base=$HOME/.nersc_provisioner/kernels; every=$1; watched=""
+verify() {  # verify PID START ID: the process is that kernel, not a reused PID
+  [ -r "/proc/$1/stat" ] || return 1
+  [ "$(cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ] || return 1
+  tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$base/$3/connection.json"
+}
+renew() { for k in $watched; do [ -d "$base/$k" ] && : > "$base/$k/lease"; done; }
+echo "NPR 0 ready $(hostname)"
+while :; do
+  if ! IFS=' ' read -r -t "$every" cmd seq a b c d; then
+    [ $? -gt 128 ] || exit 0
+    renew; continue
+  fi
+  case $cmd in
+    watch) watched="$watched $a"; renew; echo "NPR $seq ok" ;;
+    unwatch) watched=$(printf '%s\n' $watched | grep -vx -- "$a" | tr '\n' ' ')
+      echo "NPR $seq ok" ;;
+    alive) if verify "$a" "$b" "$c"; then echo "NPR $seq alive"; else echo "NPR $seq dead"; fi ;;
+    signal) if verify "$b" "$c" "$d"; then
+        kill -s "$a" -- "-$b" 2>/dev/null || kill -s "$a" "$b"; echo "NPR $seq ok"
+      else echo "NPR $seq gone"; fi ;;
+    cleanup) rm -rf -- "$base/$a"; echo "NPR $seq ok" ;;
+    renew) renew; echo "NPR $seq ok" ;;
+    *) echo "NPR $seq error unknown command" ;;
+  esac
+done
+"""
+
+PS_SCRIPT = r"""base=$HOME/.nersc_provisioner/kernels
+for d in "$base"/*/; do
+  [ -d "$d" ] || continue
+  k=$(basename "$d"); set -- $(cat "$d/pid" 2>/dev/null) 0 0
+  state=dead
+  if [ "$(cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ]; then state=running; fi
+  age=$(( $(date +%s) - $(stat -c %Y "$d/lease" 2>/dev/null || echo 0) ))
+  echo "NPR_PS $k $1 $2 $state $age"
+done
+"""
+
+
+def agent_command(renew_every: int) -> str:
+    """The agent's exec command line (it carries no secret)."""
+    return join(["bash", "--noprofile", "--norc", "-c", AGENT, "npr-agent", str(int(renew_every))])
+
+
+def kill_script(kernel_id: str) -> str:
+    """End kernel ``kernel_id`` (verified by its recorded PID and start time) and remove it."""
+    kid = check_token(kernel_id, "kernel id")
+    return "\n".join(
+        [
+            f"d={REMOTE_BASE}/{kid}",
+            'set -- $(cat "$d/pid" 2>/dev/null) 0 0',
+            'if [ "$(cut -d\' \' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ]; then',
+            '  kill -TERM -- "-$1" 2>/dev/null; sleep 1; kill -KILL -- "-$1" 2>/dev/null',
+            "fi",
+            'rm -rf -- "$d"; echo NPR_KILLED',
+            "",
+        ]
+    )
+
+
+@dataclass
+class LaunchReport:
+    """What the launch script printed, parsed."""
+
+    pid: int = 0
+    start_time: str = ""
+    node: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+    ready: bool = False
+    done: bool = False
+    died_code: int | None = None
+    failure: str = ""
+    other: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> None:
+        """Take one line of the launch script's output."""
+        words = line.split()
+        if line == READY_MARKER:
+            self.ready = True
+        elif words[:1] == ["NPR_PID"] and len(words) >= 3:
+            self.pid, self.start_time = int(words[1]), words[2]
+            self.node = words[3] if len(words) > 3 else ""
+        elif words[:1] == ["NPR_PORT"]:
+            match = re.search(r'"(\w+_port)":\s*(\d+)', line)
+            if match:
+                self.ports[match.group(1)] = int(match.group(2))
+        elif words[:1] == ["NPR_DONE"]:
+            self.done = True
+        elif words[:1] == ["NPR_DIED"]:
+            self.died_code = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        elif words[:1] == ["NPR_FAIL"]:
+            self.failure = line[len("NPR_FAIL ") :]
+        else:
+            self.other.append(line)
+
+    def error(self, host: str, command: Sequence[str]) -> LaunchError:
+        """The error that names why the launch did not complete."""
+        stderr = "\n".join(self.other)
+        if self.failure:
+            return LaunchError(
+                f"cannot prepare the kernel directory on {host}: {self.failure}",
+                hint="check that your home directory on the remote host is writable "
+                "and not over quota",
+                command=command,
+                stderr=stderr,
+            )
+        if not self.ready:
+            error = launch_error_from_exit(self.died_code, stderr, command)
+            error.message = f"{error.message} on {host}"
+            return error
+        return LaunchError(
+            f"the kernel exited during startup on {host}",
+            hint="see the kernel's output above (an import error, a crash); try the same "
+            "command in a shell on the remote host",
+            command=command,
+            exit_code=self.died_code,
+            stderr=stderr,
+        )

@@ -1,0 +1,427 @@
+"""``nersc-cori`` and ``nersc-perlmutter``: kernels on a login node over SSH.
+
+One SSH connection per host carries everything: one ``exec`` per launch
+(the launch script on stdin), the agent on a PTY session (liveness, signals,
+leases), and a ``direct-tcpip`` channel per ZeroMQ connection.  The local
+ports stay the same across reconnects and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+
+from ..errors import LaunchTimeout, SSHConnectError
+from ..launchers.remote import PORT_NAMES, LaunchReport, RemoteLaunch, build_launch_script
+from ..launchers.wrapper import EnvironmentSetup
+from ..systems import SYSTEMS, System
+from ..transports.connection import ConnectionPool, SSHConnection
+from ..transports.forwarding import PortForwarder
+from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
+from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
+from .options import WrapperOptions, _env_default
+
+#: Blocking SSH work runs here, never on the Jupyter event loop.
+SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
+
+
+async def in_thread(func: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(SSH_EXECUTOR, func, *args)
+
+
+@dataclass
+class RemoteKernel:
+    """The kernel process on the remote host, as the launch script reported it."""
+
+    kernel_id: str
+    pid: int
+    start_time: str
+    node: str
+    ports: dict[str, int]
+
+
+class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ignore[metaclass]
+    """Start a kernel on a remote host over SSH and keep its five ports forwarded."""
+
+    provisioner_name = "nersc-remote"
+    system: ClassVar[System] = System(name="remote", host="")
+
+    host = Unicode(help="Host to log in to (an ~/.ssh/config alias works).").tag(config=True)
+    user = Unicode(help="User name on the host ('' : from ~/.ssh/config or local).").tag(
+        config=True
+    )
+    port = Int(help="SSH port (0: from ~/.ssh/config, else 22).").tag(config=True)
+    identity_file = Unicode(
+        help="Private key; its '-cert.pub' certificate is used with it "
+        "('' : IdentityFile from ~/.ssh/config, else the system's default key)."
+    ).tag(config=True)
+    ssh_config = Unicode(help="ssh config file to honour ('' to ignore).").tag(config=True)
+    known_hosts = List(Unicode(), help="known_hosts files (default ~/.ssh/known_hosts).").tag(
+        config=True
+    )
+    remote_python = Unicode(
+        help="Python on the remote host that runs ipykernel (replaces a bare `python` in "
+        "argv); resolved there, after modules and setup lines."
+    ).tag(config=True)
+    remote_cwd = Unicode(help="Directory the kernel starts in on the remote host.").tag(config=True)
+    lease_timeout = Int(
+        help="Seconds without contact after which the remote watchdog ends the kernel."
+    ).tag(config=True)
+    reconnect_grace = Float(
+        help="Seconds a kernel is still reported alive while its connection is down."
+    ).tag(config=True)
+
+    @default("host")
+    def _default_host(self) -> str:
+        return str(_env_default("host", self.system.host))
+
+    @default("user")
+    def _default_user(self) -> str:
+        return str(_env_default("user", ""))
+
+    @default("port")
+    def _default_port(self) -> int:
+        return int(_env_default("port", 0))
+
+    @default("identity_file")
+    def _default_identity_file(self) -> str:
+        return str(_env_default("identity_file", self.system.identity_file))
+
+    @default("ssh_config")
+    def _default_ssh_config(self) -> str:
+        return str(_env_default("ssh_config", DEFAULT_SSH_CONFIG))
+
+    @default("known_hosts")
+    def _default_known_hosts(self) -> list[str]:
+        return list(_env_default("known_hosts", []))
+
+    @default("remote_python")
+    def _default_remote_python(self) -> str:
+        return str(_env_default("remote_python", ""))
+
+    @default("remote_cwd")
+    def _default_remote_cwd(self) -> str:
+        return str(_env_default("remote_cwd", ""))
+
+    @default("lease_timeout")
+    def _default_lease_timeout(self) -> int:
+        return int(_env_default("lease_timeout", 1800))
+
+    @default("reconnect_grace")
+    def _default_reconnect_grace(self) -> float:
+        return float(_env_default("reconnect_grace", 300.0))
+
+    @validate("host")
+    def _check_host(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if not value or value.startswith("-") or any(c.isspace() for c in value):
+            raise TraitError(f"host must be a host name or ssh config alias, not {value!r}")
+        return value
+
+    @validate("lease_timeout")
+    def _check_lease(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 10:
+            raise TraitError(f"lease_timeout must be at least 10 seconds, not {value}")
+        return value
+
+    # --- state ------------------------------------------------------------------
+
+    remote: RemoteKernel | None = None
+    _conn: SSHConnection | None = None
+    _target: SSHTarget | None = None
+    _listeners: dict[str, Any] | None = None
+
+    def target(self) -> SSHTarget:
+        """The SSH target these settings resolve to (reads ~/.ssh/config)."""
+        return resolve_target(
+            self.host,
+            user=self.user,
+            port=self.port,
+            identity_file=self.identity_file,
+            ssh_config=self.ssh_config or None,
+            known_hosts=self.known_hosts,
+        )
+
+    @property
+    def has_process(self) -> bool:
+        return self.remote is not None
+
+    def kernel_argv(self) -> list[str]:
+        """The kernel argv for the remote side: jupyter_client's python swap not applied."""
+        spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        argv = spec_argv or list(DEFAULT_KERNEL_ARGV)
+        if self.remote_python and argv[0] in PYTHON_NAMES:
+            argv[0] = self.remote_python
+        return argv
+
+    def remote_setup(self) -> EnvironmentSetup:
+        env = dict(self.kernel_spec.env) if self.kernel_spec is not None else {}
+        setup = self.environment_setup(env=env)
+        if self.remote_cwd:
+            setup = replace(setup, cwd=self.remote_cwd)
+        return setup
+
+    # --- launch -----------------------------------------------------------------
+
+    async def _connection(self) -> SSHConnection:
+        if self._conn is None:
+            self._target = await in_thread(self.target)
+            self._conn = ConnectionPool.get(self._target)
+        try:
+            await in_thread(self._conn.open)
+        except BaseException:
+            ConnectionPool.put(self._target, self._conn)  # type: ignore[arg-type]
+            self._conn = None
+            raise
+        return self._conn
+
+    def _open_listeners(self, conn: SSHConnection) -> None:
+        forwarder = PortForwarder.instance()
+        listeners = {}
+        for name in PORT_NAMES:
+            listeners[name] = forwarder.listen(functools.partial(self._open_channel, name))
+        self._listeners = listeners
+
+    def _open_channel(self, name: str) -> Any:
+        remote, conn = self.remote, self._conn
+        if remote is None or conn is None:
+            return None
+        return conn.open_forward(remote.ports.get(name, 0))
+
+    def _close_listeners(self) -> None:
+        if self._listeners:
+            forwarder = PortForwarder.instance()
+            for listener in self._listeners.values():
+                forwarder.close_listener(listener)
+        self._listeners = None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        conn = await self._connection()
+        if self._listeners is None:
+            self._open_listeners(conn)
+        listeners = self._listeners or {}
+        if km is not None:
+            km.transport = "tcp"
+            km.ip = "127.0.0.1"
+            for name, listener in listeners.items():
+                setattr(km, name, listener.getsockname()[1])
+            km.write_connection_file()
+            self.connection_info = km.get_connection_info()
+        kwargs.pop("env", None)  # the local environment is not sent to the remote host
+        kwargs.pop("extra_arguments", None)
+        kwargs["cmd"] = self.kernel_argv()
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        conn, target = self._conn, self._target
+        if conn is None or target is None:
+            raise SSHConnectError("launch_kernel called before pre_launch")
+        key = self.connection_info.get("key", b"")
+        connection = {
+            **dict.fromkeys(PORT_NAMES, 0),
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "signature_scheme": self.connection_info.get("signature_scheme", "hmac-sha256"),
+            "key": key.decode() if isinstance(key, bytes) else str(key),
+            "kernel_name": self.kernel_spec.name if self.kernel_spec is not None else "",
+        }
+        kernel_id = str(self.kernel_id)
+        launch = RemoteLaunch(
+            kernel_id=kernel_id,
+            argv=tuple(cmd),
+            connection=connection,
+            setup=self.remote_setup(),
+            lease_timeout=self.lease_timeout,
+        )
+        report = LaunchReport()
+
+        def feed(line: str) -> bool:
+            report.feed(line)
+            return report.done or report.died_code is not None
+
+        started = time.monotonic()
+        try:
+            await in_thread(
+                lambda: conn.run_script(
+                    build_launch_script(launch), timeout=self.launch_timeout, on_line=feed
+                )
+            )
+        except TimeoutError:
+            await self._abandon(kernel_id)
+            raise LaunchTimeout(
+                f"the kernel on {target.label} did not start within {self.launch_timeout:g} s",
+                hint="raise launch_timeout, or run `python -m nersc_provisioner check NAME`",
+                command=cmd,
+                stderr="\n".join(report.other),
+            ) from None
+        except BaseException:
+            await self._abandon(kernel_id)
+            raise
+        if not report.done:
+            await self._abandon(kernel_id)
+            raise report.error(target.label, cmd)
+        self.remote = RemoteKernel(
+            kernel_id=kernel_id,
+            pid=report.pid,
+            start_time=report.start_time,
+            node=report.node,
+            ports=report.ports,
+        )
+        await in_thread(conn.request, "watch", kernel_id)
+        self.log.info(
+            "%s: kernel %s started on %s (pid %d) in %.2f s",
+            self.provisioner_name,
+            kernel_id,
+            report.node or target.label,
+            report.pid,
+            time.monotonic() - started,
+        )
+        if report.other:
+            self.log.debug("%s: launch output:\n%s", self.provisioner_name, "\n".join(report.other))
+        return self.connection_info
+
+    async def _abandon(self, kernel_id: str) -> None:
+        """After a failed start: no remote directory, no tunnel, no connection left."""
+        conn = self._conn
+        if conn is not None and conn.connected:
+            from ..launchers.remote import kill_script
+
+            try:
+                await in_thread(lambda: conn.run_script(kill_script(kernel_id), timeout=20))
+            except Exception as exc:  # report, but keep the original error
+                self.log.warning("could not clean up kernel %s: %s", kernel_id, exc)
+        self.remote = None
+        await self.cleanup(restart=False)
+        cleanup_connection_file = getattr(self.parent, "cleanup_connection_file", None)
+        if cleanup_connection_file is not None:
+            cleanup_connection_file()
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        remote, conn = self.remote, self._conn
+        if remote is None or conn is None:
+            return 0
+        if conn.fatal is not None:
+            self.log.error("kernel %s is lost: %s", remote.kernel_id, conn.fatal)
+            return 1
+        if not conn.connected:
+            down_for = time.monotonic() - (conn.down_since or time.monotonic())
+            if down_for < self.reconnect_grace:
+                return None
+            self.log.error(
+                "kernel %s: no connection to %s for %.0f s (reconnect_grace %.0f s); "
+                "reporting it dead",
+                remote.kernel_id,
+                conn.target.label,
+                down_for,
+                self.reconnect_grace,
+            )
+            return 1
+        try:
+            answer = await in_thread(
+                conn.request, "alive", str(remote.pid), remote.start_time, remote.kernel_id
+            )
+        except (SSHConnectError, TimeoutError):
+            return None  # the connection is being re-established
+        if answer == "alive":
+            return None
+        self.log.warning(
+            "kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node
+        )
+        return 1
+
+    async def wait(self) -> int | None:
+        while True:
+            code = await self.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(0.05)
+
+    async def send_signal(self, signum: int) -> None:
+        remote, conn = self.remote, self._conn
+        if remote is None or conn is None:
+            return
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        answer = await in_thread(
+            conn.request, "signal", name, str(remote.pid), remote.start_time, remote.kernel_id
+        )
+        if answer != "ok":
+            self.log.info("signal %s: kernel %s is already gone", name, remote.kernel_id)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        conn = self._conn
+        kernel_id = str(self.kernel_id) if self.kernel_id else ""
+        if conn is not None and kernel_id and conn.connected:
+            try:
+                await in_thread(conn.request, "unwatch", kernel_id)
+                await in_thread(conn.request, "cleanup", kernel_id)
+            except Exception as exc:
+                self.log.warning("cleanup of kernel %s on the remote host: %s", kernel_id, exc)
+        self.remote = None
+        if not restart:
+            self._close_listeners()
+            if conn is not None and self._target is not None:
+                ConnectionPool.put(self._target, conn)
+            self._conn = None
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 10.0)
+
+    # --- reattach ---------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        connection = dict(info.get("connection_info", {}))
+        if isinstance(connection.get("key"), bytes):
+            connection["key"] = connection["key"].decode()
+        info["connection_info"] = connection
+        info["remote"] = asdict(self.remote) if self.remote is not None else None
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        remote = provisioner_info.get("remote")
+        if not remote:
+            return
+        self.remote = RemoteKernel(**remote)
+        conn = await self._connection()
+        self._open_listeners(conn)
+        connection: dict[str, Any] = dict(self.connection_info)
+        if isinstance(connection.get("key"), str):
+            connection["key"] = connection["key"].encode()
+        for name, listener in (self._listeners or {}).items():
+            connection[name] = listener.getsockname()[1]
+        self.connection_info = connection  # type: ignore[assignment]
+        await in_thread(conn.request, "watch", self.remote.kernel_id)
+
+
+class NERSCCoriProvisioner(NERSCRemoteProvisioner):
+    """``nersc-cori``: a kernel on a Cori login node."""
+
+    provisioner_name = "nersc-cori"
+    system = SYSTEMS["nersc-cori"]
+
+
+class NERSCPerlmutterProvisioner(NERSCRemoteProvisioner):
+    """``nersc-perlmutter``: a kernel on a Perlmutter login node."""
+
+    provisioner_name = "nersc-perlmutter"
+    system = SYSTEMS["nersc-perlmutter"]

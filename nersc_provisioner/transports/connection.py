@@ -1,0 +1,328 @@
+"""One SSH connection per host, shared by every kernel on it, kept alive.
+
+An :class:`SSHConnection` holds:
+
+* the login (:func:`~nersc_provisioner.transports.ssh.connect`), pinned to the
+  address of the first login, so that a reconnect through a load-balanced
+  name lands on the same login node, where the kernels are;
+* the remote agent on one PTY session (the PTY makes sshd set TCP_NODELAY on
+  the whole connection; the agent answers ``alive``/``signal``/``cleanup``
+  and renews the leases of the kernels it watches);
+* a monitor thread that waits for the connection to end and reconnects with
+  backoff.  Authentication and host-key errors stop it: they are reported
+  once and never retried, so a locked account cannot come from us.
+
+Everything here blocks; provisioners call it from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import replace
+
+import paramiko
+
+from ..errors import (
+    AuthenticationError,
+    CertificateExpiredError,
+    ChangedHostKeyError,
+    SSHConnectError,
+    SSHError,
+    UnknownHostKeyError,
+)
+from ..launchers.remote import agent_command, check_token
+from .ssh import SSHLogin, SSHTarget, connect
+
+log = logging.getLogger("nersc_provisioner.ssh")
+
+WINDOW_SIZE = 16 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+KEEPALIVE = 10
+RENEW_EVERY = 30
+BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+_FATAL = (AuthenticationError, CertificateExpiredError, ChangedHostKeyError, UnknownHostKeyError)
+
+
+class SSHConnection:
+    """A shared, self-healing SSH connection to one host."""
+
+    def __init__(self, target: SSHTarget) -> None:
+        self.target = target
+        self.login: SSHLogin | None = None
+        self.node = ""
+        self.reconnects = 0
+        self.down_since: float | None = None
+        self.fatal: SSHError | None = None
+        self._lock = threading.RLock()
+        self._agent: paramiko.Channel | None = None
+        self._pending: dict[int, Future[str]] = {}
+        self._seq = 0
+        self._watched: set[str] = set()
+        self._closing = False
+        self._users = 0
+        self._listeners: list[Callable[[str], None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Log in (once) and start the agent.  Raises the login's error."""
+        with self._lock:
+            if self.login is not None:
+                return
+            self._login()
+            threading.Thread(
+                target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
+            ).start()
+
+    def _login(self) -> None:
+        login = connect(self.target)
+        transport = login.client.get_transport()
+        if transport is None:  # pragma: no cover - connect() returns a live login
+            raise SSHConnectError(f"connection to {self.target.label} closed at once")
+        transport.set_keepalive(KEEPALIVE)
+        if not self.target.jumps and not self.target.proxy_command:
+            # Pin the address: a reconnect must reach the same login node.
+            peer = transport.getpeername()[0]
+            self.target = replace(self.target, address=peer)
+        self.login = login
+        self._start_agent(transport)
+        self.down_since = None
+
+    def _start_agent(self, transport: paramiko.Transport) -> None:
+        chan = transport.open_session()
+        chan.get_pty(term="dumb", width=500, height=24)
+        chan.exec_command(agent_command(RENEW_EVERY))
+        self._agent = chan
+        ready: Future[str] = Future()
+        self._pending = {0: ready}
+        threading.Thread(
+            target=self._read_agent, args=(chan,), name="nersc-ssh-agent", daemon=True
+        ).start()
+        self.node = ready.result(timeout=30).partition(" ")[2]
+        for kernel_id in sorted(self._watched):
+            self.request("watch", kernel_id)
+
+    def _read_agent(self, chan: paramiko.Channel) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = chan.recv(65536)
+            except (OSError, EOFError):
+                data = b""
+            if not data:
+                break
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                words = raw.decode(errors="replace").strip().split(" ", 2)
+                if len(words) >= 3 and words[0] == "NPR" and words[1].isdigit():
+                    future = self._pending.pop(int(words[1]), None)
+                    if future is not None and not future.done():
+                        future.set_result(words[2])
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(SSHConnectError(f"connection to {self.target.label} lost"))
+        self._pending.clear()
+
+    def _monitor(self) -> None:
+        while not self._closing:
+            login = self.login
+            transport = login.client.get_transport() if login else None
+            if transport is not None:
+                transport.join()  # returns when the connection ends
+            if self._closing:
+                return
+            self.down_since = self.down_since or time.monotonic()
+            log.warning("SSH connection to %s lost; reconnecting", self.target.label)
+            self._notify("down")
+            if login is not None:
+                with contextlib.suppress(Exception):
+                    login.close()
+            self.login = None
+            for attempt, delay in enumerate(_delays(), start=1):
+                if self._closing:
+                    return
+                time.sleep(delay)
+                try:
+                    with self._lock:
+                        self._login()
+                except _FATAL as exc:
+                    self.fatal = exc
+                    log.error("not reconnecting to %s: %s", self.target.label, exc)
+                    self._notify("failed")
+                    return
+                except Exception as exc:
+                    log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
+                    continue
+                self.reconnects += 1
+                log.warning(
+                    "reconnected to %s after %.1f s",
+                    self.target.label,
+                    time.monotonic() - (self.down_since or time.monotonic()),
+                )
+                self._notify("up")
+                break
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        self._listeners.append(callback)
+
+    def _notify(self, event: str) -> None:
+        for callback in list(self._listeners):
+            with contextlib.suppress(Exception):
+                callback(event)
+
+    def close(self) -> None:
+        self._closing = True
+        login, self.login = self.login, None
+        if login is not None:
+            login.close()
+
+    @property
+    def connected(self) -> bool:
+        login = self.login
+        transport = login.client.get_transport() if login else None
+        return bool(transport and transport.is_active())
+
+    # --- using it -------------------------------------------------------------------
+
+    def transport(self) -> paramiko.Transport | None:
+        login = self.login
+        transport = login.client.get_transport() if login else None
+        return transport if transport is not None and transport.is_active() else None
+
+    def open_forward(self, port: int) -> paramiko.Channel | None:
+        """A ``direct-tcpip`` channel to the remote 127.0.0.1:``port``, or None if down."""
+        transport = self.transport()
+        if transport is None or port <= 0:
+            return None
+        try:
+            return transport.open_channel(
+                "direct-tcpip",
+                ("127.0.0.1", port),
+                ("127.0.0.1", 0),
+                window_size=WINDOW_SIZE,
+                max_packet_size=MAX_PACKET,
+                timeout=10,
+            )
+        except (paramiko.SSHException, OSError):
+            return None
+
+    def request(self, command: str, *args: str, timeout: float = 15.0) -> str:
+        """Ask the agent; returns its answer ("ok", "alive", "dead", ...)."""
+        words = [check_token(command, "command"), *(check_token(a, "argument") for a in args)]
+        with self._lock:
+            chan = self._agent
+            if chan is None or chan.closed or not self.connected:
+                raise SSHConnectError(f"not connected to {self.target.label}")
+            self._seq += 1
+            seq = self._seq
+            future: Future[str] = Future()
+            self._pending[seq] = future
+            line = " ".join([words[0], str(seq), *words[1:]]) + "\n"
+            chan.sendall(line.encode())
+        if command == "watch":
+            self._watched.add(args[0])
+        elif command == "unwatch":
+            self._watched.discard(args[0])
+        return future.result(timeout=timeout)
+
+    def run_script(
+        self, script: str, *, timeout: float, on_line: Callable[[str], bool] | None = None
+    ) -> tuple[int | None, list[str]]:
+        """Run ``script`` with ``bash -s`` (the script goes on stdin); return (exit, lines).
+
+        ``on_line`` sees each output line; returning True stops reading early.
+        """
+        transport = self.transport()
+        if transport is None:
+            raise SSHConnectError(f"not connected to {self.target.label}")
+        chan = transport.open_session(timeout=timeout)
+        try:
+            chan.settimeout(timeout)
+            chan.set_combine_stderr(True)
+            chan.exec_command("bash --noprofile --norc -s")
+            chan.sendall(script.encode())
+            chan.shutdown_write()
+            stop = False
+            collected: list[str] = []
+            for line in _lines(chan):
+                collected.append(line)
+                if on_line is not None and on_line(line):
+                    stop = True
+                    break
+            code = None if stop else chan.recv_exit_status()
+            return code, collected
+        finally:
+            chan.close()
+
+    def watch(self, kernel_ids: Iterable[str]) -> None:
+        for kernel_id in kernel_ids:
+            self.request("watch", kernel_id)
+
+    # --- sharing --------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> int:
+        with self._lock:
+            self._users -= 1
+            return self._users
+
+
+def _delays() -> Iterable[float]:
+    yield from BACKOFF
+    while True:
+        yield BACKOFF[-1]
+
+
+def _lines(chan: paramiko.Channel) -> Iterable[str]:
+    buffer = b""
+    while True:
+        data = chan.recv(65536)
+        if not data:
+            break
+        buffer += data
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            yield raw.decode(errors="replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode(errors="replace").rstrip("\r")
+
+
+class ConnectionPool:
+    """One :class:`SSHConnection` per target, shared by all kernels in this process."""
+
+    _lock = threading.Lock()
+    _connections: dict[SSHTarget, SSHConnection] = {}  # noqa: RUF012
+
+    @classmethod
+    def get(cls, target: SSHTarget) -> SSHConnection:
+        with cls._lock:
+            conn = cls._connections.get(target)
+            if conn is None or conn.fatal is not None or conn._closing:
+                conn = SSHConnection(target)
+                cls._connections[target] = conn
+            conn.acquire()
+        return conn
+
+    @classmethod
+    def put(cls, target: SSHTarget, conn: SSHConnection) -> None:
+        """Give back a connection; the last user closes it."""
+        with cls._lock:
+            if conn.release() > 0:
+                return
+            if cls._connections.get(target) is conn:
+                del cls._connections[target]
+        conn.close()
+
+    @classmethod
+    def count(cls) -> int:
+        with cls._lock:
+            return len(cls._connections)

@@ -1,0 +1,251 @@
+"""Local port forwarding over SSH, with one thread for every stream of every kernel.
+
+Each forwarded port is a listening socket on local 127.0.0.1.  An accepted
+connection opens a ``direct-tcpip`` channel over the host's shared SSH
+connection; one selector thread moves the bytes both ways for all of them,
+so the thread count does not grow with kernels or streams.  Back-pressure:
+a side whose buffer is full stops being read until the other side drains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paramiko
+
+BUFFER_LIMIT = 4 * 1024 * 1024
+CHUNK = 256 * 1024
+# When a channel's window is full we cannot be woken by it; retry this often.
+CHANNEL_RETRY = 0.005
+
+ChannelOpener = Callable[[], "paramiko.Channel | None"]
+
+
+@dataclass(eq=False)
+class _Pair:
+    sock: socket.socket
+    chan: paramiko.Channel
+    to_chan: bytearray = field(default_factory=bytearray)
+    to_sock: bytearray = field(default_factory=bytearray)
+    sock_eof: bool = False
+    chan_eof: bool = False
+    closed: bool = False
+    sock_events: int = 0
+    chan_events: int = 0
+
+
+class PortForwarder:
+    """Moves bytes between local sockets and SSH channels on one thread."""
+
+    _instance: PortForwarder | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def instance(cls) -> PortForwarder:
+        with cls._instance_lock:
+            if cls._instance is None or not cls._instance._thread.is_alive():
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._lock = threading.Lock()
+        self._todo: list[Callable[[], None]] = []
+        self._listeners: dict[socket.socket, ChannelOpener] = {}
+        self._pairs: set[_Pair] = set()
+        self._thread = threading.Thread(target=self._run, name="nersc-forwarder", daemon=True)
+        self._thread.start()
+
+    # --- called from any thread -------------------------------------------------
+
+    def listen(self, opener: ChannelOpener, port: int = 0) -> socket.socket:
+        """Listen on 127.0.0.1:``port`` (0: any free port); forward through ``opener``."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("127.0.0.1", port))
+        except OSError:
+            listener.close()
+            raise
+        listener.listen(64)
+        listener.setblocking(False)
+        self._call(lambda: self._add_listener(listener, opener))
+        return listener
+
+    def close_listener(self, listener: socket.socket) -> None:
+        self._call(lambda: self._remove_listener(listener))
+
+    def stats(self) -> dict[str, int]:
+        return {"listeners": len(self._listeners), "streams": len(self._pairs)}
+
+    def _call(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._todo.append(action)
+        os.write(self._wake_w, b"x")
+
+    # --- the forwarding thread --------------------------------------------------
+
+    def _add_listener(self, listener: socket.socket, opener: ChannelOpener) -> None:
+        self._listeners[listener] = opener
+        self._selector.register(listener, selectors.EVENT_READ, ("listen", listener))
+
+    def _remove_listener(self, listener: socket.socket) -> None:
+        if self._listeners.pop(listener, None) is not None:
+            self._selector.unregister(listener)
+        listener.close()
+
+    def _run(self) -> None:
+        while True:
+            timeout = CHANNEL_RETRY if any(p.to_chan for p in self._pairs) else None
+            for key, events in self._selector.select(timeout):
+                kind, obj = key.data
+                if kind == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif kind == "listen":
+                    self._accept(obj)
+                elif kind == "sock":
+                    self._on_sock(obj, events)
+                elif kind == "chan":
+                    self._on_chan(obj)
+            with self._lock:
+                todo, self._todo = self._todo, []
+            for action in todo:
+                action()
+            for pair in list(self._pairs):
+                if pair.to_chan:
+                    self._flush_to_chan(pair)
+                self._update(pair)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        opener = self._listeners.get(listener)
+        chan = None
+        if opener is not None:
+            with contextlib.suppress(Exception):
+                chan = opener()
+        if chan is None:
+            sock.close()  # the host is unreachable right now; ZeroMQ will reconnect
+            return
+        sock.setblocking(False)
+        chan.settimeout(0.0)
+        pair = _Pair(sock=sock, chan=chan)
+        self._pairs.add(pair)
+        self._update(pair)
+
+    def _on_sock(self, pair: _Pair, events: int) -> None:
+        if events & selectors.EVENT_WRITE and pair.to_sock:
+            try:
+                sent = pair.sock.send(pair.to_sock)
+                del pair.to_sock[:sent]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._close(pair)
+                return
+        if events & selectors.EVENT_READ and len(pair.to_chan) < BUFFER_LIMIT:
+            try:
+                data = pair.sock.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(pair)
+                return
+            if not data:
+                pair.sock_eof = True
+            pair.to_chan += data
+            self._flush_to_chan(pair)
+
+    def _on_chan(self, pair: _Pair) -> None:
+        while len(pair.to_sock) < BUFFER_LIMIT:
+            try:
+                data = pair.chan.recv(CHUNK)
+            except TimeoutError:
+                break
+            except (OSError, paramiko.SSHException):
+                data = b""
+            if not data:
+                pair.chan_eof = True
+                break
+            pair.to_sock += data
+        if pair.to_sock:
+            try:
+                sent = pair.sock.send(pair.to_sock)
+                del pair.to_sock[:sent]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._close(pair)
+
+    def _flush_to_chan(self, pair: _Pair) -> None:
+        while pair.to_chan:
+            try:
+                sent = pair.chan.send(bytes(pair.to_chan[:CHUNK]))
+            except TimeoutError:
+                return
+            except (OSError, paramiko.SSHException):
+                self._close(pair)
+                return
+            if sent <= 0:
+                return
+            del pair.to_chan[:sent]
+
+    def _update(self, pair: _Pair) -> None:
+        """Watch each side only for what can make progress now."""
+        if pair.closed:
+            return
+        if (pair.chan_eof and not pair.to_sock) or (pair.sock_eof and not pair.to_chan):
+            self._close(pair)
+            return
+        sock_events = 0
+        if len(pair.to_chan) < BUFFER_LIMIT and not pair.sock_eof:
+            sock_events |= selectors.EVENT_READ
+        if pair.to_sock:
+            sock_events |= selectors.EVENT_WRITE
+        chan_events = 0
+        if len(pair.to_sock) < BUFFER_LIMIT and not pair.chan_eof:
+            chan_events = selectors.EVENT_READ
+        pair.sock_events = self._watch(pair.sock, pair.sock_events, sock_events, ("sock", pair))
+        pair.chan_events = self._watch(
+            pair.chan.fileno(), pair.chan_events, chan_events, ("chan", pair)
+        )
+
+    def _watch(
+        self, target: socket.socket | int, old: int, new: int, data: tuple[str, _Pair]
+    ) -> int:
+        if old == new:
+            return new
+        if old and new:
+            self._selector.modify(target, new, data)
+        elif new:
+            self._selector.register(target, new, data)
+        else:
+            self._selector.unregister(target)
+        return new
+
+    def _close(self, pair: _Pair) -> None:
+        if pair.closed:
+            return
+        pair.closed = True
+        self._pairs.discard(pair)
+        if pair.sock_events:
+            self._selector.unregister(pair.sock)
+        if pair.chan_events:
+            self._selector.unregister(pair.chan.fileno())
+        with contextlib.suppress(OSError):
+            pair.sock.close()
+        with contextlib.suppress(Exception):
+            pair.chan.close()
