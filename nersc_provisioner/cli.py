@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .diagnostics import Step, check
 from .errors import ConfigError, NERSCProvisionerError
+from .hostops import kill_remote_kernels, list_remote_kernels
 from .kernelspec import (
     build_kernel_spec,
     get_kernel_spec,
@@ -21,10 +23,12 @@ from .kernelspec import (
     launch_plan,
     list_kernel_specs,
     missing_modules,
+    provisioner_class,
     remove_kernel_spec,
 )
 from .provisioners import PROVISIONERS
 from .shell import join
+from .transports.ssh import SSHTarget, resolve_target
 
 _DESCRIPTION = """\
 Write and manage Jupyter kernel specs that start kernels through nersc_provisioner.
@@ -126,12 +130,52 @@ def _parser() -> argparse.ArgumentParser:
         "--kernel-argv",
         help="the whole kernel command, shell-style; must contain {connection_file}",
     )
+    remote = install.add_argument_group(
+        "remote host (nersc-cori, nersc-perlmutter); defaults come from ~/.ssh/config"
+    )
+    remote.add_argument("--host", help="host or ~/.ssh/config alias (default: the system's)")
+    remote.add_argument("--remote-user", help="user name on the host")
+    remote.add_argument("--ssh-port", type=int, help="SSH port")
+    remote.add_argument(
+        "--identity-file", help="private key (its -cert.pub is used too; NERSC: ~/.ssh/nersc)"
+    )
+    remote.add_argument("--ssh-config", help="ssh config file ('' to ignore ~/.ssh/config)")
+    remote.add_argument(
+        "--known-hosts", action="append", default=[], help="known_hosts file (repeatable)"
+    )
+    remote.add_argument("--remote-python", help="the Python on the host that runs ipykernel")
+    remote.add_argument("--remote-cwd", help="directory the kernel starts in on the host")
+    remote.add_argument(
+        "--lease-timeout",
+        type=int,
+        help="seconds without contact before the remote watchdog ends the kernel",
+    )
     how.add_argument(
         "--no-check",
         action="store_true",
         help="do not check here that the modules exist (e.g. they exist only where "
         "the kernel runs)",
     )
+
+    check = commands.add_parser(
+        "check",
+        help="diagnose an installed kernel spec step by step, with timings",
+        description="Resolve the ssh config, connect, verify the host key, check the "
+        "certificate, check the Python, ipykernel and modules, start the kernel and run a "
+        "cell. Each step is timed; a failing step says what failed and how to fix it.",
+    )
+    check.add_argument("name")
+
+    for verb, text in (("ps", "list our kernels on a host"), ("kill", "end our kernels on a host")):
+        sub = commands.add_parser(verb, help=text, description=text + ".")
+        sub.add_argument(
+            "host",
+            help="host or ~/.ssh/config alias, or an installed remote kernel spec's name "
+            "(its host settings are used)",
+        )
+        if verb == "kill":
+            sub.add_argument("kernel_ids", nargs="*", help="kernel ids (see `ps`)")
+            sub.add_argument("--all", action="store_true", help="every kernel of ours there")
 
     listing = commands.add_parser("list", help="list installed kernel specs that use us")
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -159,6 +203,25 @@ def _install(args: argparse.Namespace) -> int:
         "cwd": args.cwd,
         "launch_timeout": args.launch_timeout,
     }
+    if args.provisioner != "nersc-local":
+        config.update(
+            {
+                "host": args.host,
+                "user": args.remote_user,
+                "port": args.ssh_port,
+                "identity_file": args.identity_file,
+                "ssh_config": args.ssh_config,
+                "known_hosts": args.known_hosts,
+                "remote_python": args.remote_python,
+                "remote_cwd": args.remote_cwd,
+                "lease_timeout": args.lease_timeout,
+            }
+        )
+    elif args.host or args.remote_python:
+        raise ConfigError(
+            "--host and --remote-* flags need a remote provisioner",
+            hint="add --provisioner nersc-perlmutter (or nersc-cori)",
+        )
     kernel_argv = None
     if args.kernel_argv:
         kernel_argv = shlex.split(args.kernel_argv)
@@ -172,7 +235,7 @@ def _install(args: argparse.Namespace) -> int:
         argv=kernel_argv,
         env=dict(args.env),
     )
-    if args.modules and not args.no_check:
+    if args.modules and not args.no_check and args.provisioner == "nersc-local":
         unknown = missing_modules(args.modules, args.module_init or "auto", args.module_use)
         if unknown:
             raise ConfigError(
@@ -236,12 +299,62 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(host: str) -> SSHTarget:
+    """A host, alias, or the name of an installed remote kernel spec."""
+    for installed in list_kernel_specs():
+        if installed.name == host and installed.provisioner != "nersc-local":
+            provisioner = provisioner_class(installed.provisioner)(**installed.config)
+            return provisioner.target()  # type: ignore[attr-defined,no-any-return]
+    return resolve_target(host)
+
+
+def _ps(args: argparse.Namespace) -> int:
+    target = _target(args.host)
+    entries = list_remote_kernels(target)
+    if not entries:
+        print(f"No kernels of ours on {target.label}.")
+        return 0
+    print(f"{'KERNEL ID':<38} {'PID':>8}  {'STATE':<8} LAST CONTACT")
+    for e in entries:
+        print(f"{e.kernel_id:<38} {e.pid:>8}  {'running' if e.running else 'dead':<8} "
+              f"{e.lease_age} s ago")  # fmt: skip
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    target = _target(args.host)
+    ids = list(args.kernel_ids)
+    if args.all:
+        ids = [e.kernel_id for e in list_remote_kernels(target)]
+    if not ids:
+        raise ConfigError("no kernel ids given", hint="name them (see `ps`) or use --all")
+    for kernel_id in kill_remote_kernels(target, ids):
+        print(f"ended {kernel_id} on {target.label}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    def report(step: Step) -> None:
+        mark = "ok  " if step.ok else "FAIL"
+        print(f"[{mark}] {step.name:<32} {step.seconds:7.2f} s  {step.detail}", flush=True)
+
+    return 0 if check(args.name, report) else 1
+
+
 def _remove(args: argparse.Namespace) -> int:
     print(f"Removed {remove_kernel_spec(args.name)}")
     return 0
 
 
-_COMMANDS = {"install": _install, "list": _list, "show": _show, "remove": _remove}
+_COMMANDS = {
+    "install": _install,
+    "list": _list,
+    "show": _show,
+    "remove": _remove,
+    "check": _check,
+    "ps": _ps,
+    "kill": _kill,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

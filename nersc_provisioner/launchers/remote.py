@@ -260,3 +260,21 @@ class LaunchReport:
             exit_code=self.died_code,
             stderr=stderr,
         )
+
+
+PROBE_CODE = (
+    "import sys; import ipykernel; "
+    "print('NPR_PYTHON', sys.executable, sys.version.split()[0], ipykernel.__version__)"
+)
+
+
+def build_probe_script(setup: EnvironmentSetup, python: str) -> str:
+    """Run the wrapper's setup, then report the Python and ipykernel it finds."""
+    return "\n".join(
+        [
+            f"npr_wrapper={quote(build_script(setup))}",
+            'bash --noprofile --norc -c "$npr_wrapper" nersc-kernel 3 '
+            f"{quote(python)} -c {quote(PROBE_CODE)} 3>&1 2>&1",
+            "",
+        ]
+    )

@@ -47,6 +47,7 @@ class RemoteKernel:
     start_time: str
     node: str
     ports: dict[str, int]
+    reported_gone: bool = False
 
 
 class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -337,9 +338,11 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return None  # the connection is being re-established
         if answer == "alive":
             return None
-        self.log.warning(
-            "kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node
-        )
+        if not remote.reported_gone:
+            remote.reported_gone = True
+            self.log.warning(
+                "kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node
+            )
         return 1
 
     async def wait(self) -> int | None:

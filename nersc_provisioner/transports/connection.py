@@ -36,7 +36,7 @@ from ..errors import (
     UnknownHostKeyError,
 )
 from ..launchers.remote import agent_command, check_token
-from .ssh import SSHLogin, SSHTarget, connect
+from .ssh import SSHLogin, SSHTarget, connect, exec_script
 
 log = logging.getLogger("nersc_provisioner.ssh")
 
@@ -234,31 +234,11 @@ class SSHConnection:
     def run_script(
         self, script: str, *, timeout: float, on_line: Callable[[str], bool] | None = None
     ) -> tuple[int | None, list[str]]:
-        """Run ``script`` with ``bash -s`` (the script goes on stdin); return (exit, lines).
-
-        ``on_line`` sees each output line; returning True stops reading early.
-        """
+        """Run ``script`` on the host (see :func:`~.ssh.exec_script`)."""
         transport = self.transport()
         if transport is None:
             raise SSHConnectError(f"not connected to {self.target.label}")
-        chan = transport.open_session(timeout=timeout)
-        try:
-            chan.settimeout(timeout)
-            chan.set_combine_stderr(True)
-            chan.exec_command("bash --noprofile --norc -s")
-            chan.sendall(script.encode())
-            chan.shutdown_write()
-            stop = False
-            collected: list[str] = []
-            for line in _lines(chan):
-                collected.append(line)
-                if on_line is not None and on_line(line):
-                    stop = True
-                    break
-            code = None if stop else chan.recv_exit_status()
-            return code, collected
-        finally:
-            chan.close()
+        return exec_script(transport, script, timeout=timeout, on_line=on_line)
 
     def watch(self, kernel_ids: Iterable[str]) -> None:
         for kernel_id in kernel_ids:
@@ -280,20 +260,6 @@ def _delays() -> Iterable[float]:
     yield from BACKOFF
     while True:
         yield BACKOFF[-1]
-
-
-def _lines(chan: paramiko.Channel) -> Iterable[str]:
-    buffer = b""
-    while True:
-        data = chan.recv(65536)
-        if not data:
-            break
-        buffer += data
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            yield raw.decode(errors="replace").rstrip("\r")
-    if buffer:
-        yield buffer.decode(errors="replace").rstrip("\r")
 
 
 class ConnectionPool:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,11 @@ from ..errors import (
 )
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
+
+# paramiko logs routine events (a forward refused while a kernel restarts) at
+# ERROR; we report what matters ourselves, with context, so its log is muted.
+PARAMIKO_LOG = "nersc_provisioner.paramiko"
+logging.getLogger(PARAMIKO_LOG).setLevel(logging.CRITICAL)
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts",)
 CONNECT_TIMEOUT = 20.0
 
@@ -347,6 +353,7 @@ def _login(
 ) -> paramiko.SSHClient:
     """One login attempt: every key and the agent are offered within one connection."""
     client = paramiko.SSHClient()
+    client.set_log_channel(PARAMIKO_LOG)
     for path in target.known_hosts:
         expanded = os.path.expanduser(path)
         if os.path.exists(expanded):
@@ -393,3 +400,46 @@ def _login(
         client.close()
         raise
     return client
+
+
+def exec_script(
+    transport: paramiko.Transport,
+    script: str,
+    *,
+    timeout: float,
+    on_line: Callable[[str], bool] | None = None,
+) -> tuple[int | None, list[str]]:
+    """Run ``script`` with ``bash -s`` over one session: the script goes on stdin.
+
+    Returns the exit code (None if ``on_line`` stopped reading early by
+    returning True) and the output lines (stdout and stderr together).
+    """
+    chan = transport.open_session(timeout=timeout)
+    try:
+        chan.settimeout(timeout)
+        chan.set_combine_stderr(True)
+        chan.exec_command("bash --noprofile --norc -s")
+        chan.sendall(script.encode())
+        chan.shutdown_write()
+        collected: list[str] = []
+        for line in _lines(chan):
+            collected.append(line)
+            if on_line is not None and on_line(line):
+                return None, collected
+        return chan.recv_exit_status(), collected
+    finally:
+        chan.close()
+
+
+def _lines(chan: paramiko.Channel) -> Iterator[str]:
+    buffer = b""
+    while True:
+        data = chan.recv(65536)
+        if not data:
+            break
+        buffer += data
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            yield raw.decode(errors="replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode(errors="replace").rstrip("\r")
