@@ -99,15 +99,17 @@ class SSHConnection:
         chan.exec_command(agent_command(RENEW_EVERY))
         self._agent = chan
         ready: Future[str] = Future()
-        self._pending = {0: ready}
+        # Each agent session has its own table of pending requests, so that the
+        # reader of a dead session cannot fail the requests of its successor.
+        self._pending = pending = {0: ready}
         threading.Thread(
-            target=self._read_agent, args=(chan,), name="nersc-ssh-agent", daemon=True
+            target=self._read_agent, args=(chan, pending), name="nersc-ssh-agent", daemon=True
         ).start()
         self.node = ready.result(timeout=30).partition(" ")[2]
         for kernel_id in sorted(self._watched):
             self.request("watch", kernel_id)
 
-    def _read_agent(self, chan: paramiko.Channel) -> None:
+    def _read_agent(self, chan: paramiko.Channel, pending: dict[int, Future[str]]) -> None:
         buffer = b""
         while True:
             try:
@@ -121,13 +123,13 @@ class SSHConnection:
             for raw in lines:
                 words = raw.decode(errors="replace").strip().split(" ", 2)
                 if len(words) >= 3 and words[0] == "NPR" and words[1].isdigit():
-                    future = self._pending.pop(int(words[1]), None)
+                    future = pending.pop(int(words[1]), None)
                     if future is not None and not future.done():
                         future.set_result(words[2])
-        for future in list(self._pending.values()):
+        for future in list(pending.values()):
             if not future.done():
                 future.set_exception(SSHConnectError(f"connection to {self.target.label} lost"))
-        self._pending.clear()
+        pending.clear()
 
     def _monitor(self) -> None:
         while not self._closing:

@@ -1,0 +1,188 @@
+"""The remote-side scripts, run for real by a local bash (no SSH needed).
+
+The SSH tests run them on the rig's sshd; these check each script's own
+behaviour closely: file modes, reports, PID checks, the watchdog's lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nersc_provisioner.errors import ModuleLoadError, UnsafeValueError
+from nersc_provisioner.launchers.remote import (
+    AGENT,
+    PORT_NAMES,
+    WATCHDOG,
+    LaunchReport,
+    RemoteLaunch,
+    build_launch_script,
+    kill_script,
+)
+from nersc_provisioner.launchers.wrapper import EnvironmentSetup
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def run_bash(script: str, home: Path, timeout: float = 60) -> list[str]:
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-s"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HOME": str(home)},
+        check=False,
+    )
+    return (result.stdout + result.stderr).splitlines()
+
+
+def launch(home: Path, kernel_id: str, setup: EnvironmentSetup | None = None) -> LaunchReport:
+    connection = {
+        **dict.fromkeys(PORT_NAMES, 0),
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "key": KEY,
+    }
+    script = build_launch_script(
+        RemoteLaunch(
+            kernel_id=kernel_id,
+            argv=(sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+            connection=connection,
+            setup=setup or EnvironmentSetup(),
+        )
+    )
+    assert KEY in script  # it travels on stdin, which is the point
+    report = LaunchReport()
+    for line in run_bash(script, home):
+        report.feed(line)
+    return report
+
+
+def test_launch_script_starts_a_kernel_and_reports(tmp_path: Path) -> None:
+    report = launch(tmp_path, "k-1")
+    try:
+        assert report.done, report.other
+        assert report.ready
+        assert set(report.ports) == set(PORT_NAMES)
+        assert all(port > 0 for port in report.ports.values())
+        proc = psutil.Process(report.pid)
+        assert os.getsid(report.pid) == report.pid  # a session of its own
+        assert "ipykernel_launcher" in " ".join(proc.cmdline())
+        kernel_dir = tmp_path / ".nersc_provisioner" / "kernels" / "k-1"
+        assert kernel_dir.stat().st_mode & 0o777 == 0o700
+        connection = kernel_dir / "connection.json"
+        assert connection.stat().st_mode & 0o777 == 0o600
+        assert json.loads(connection.read_text())["key"] == KEY
+        assert json.loads(connection.read_text())["ip"] == "127.0.0.1"
+    finally:
+        lines = run_bash(kill_script("k-1"), tmp_path)
+    assert "NPR_KILLED" in lines
+    assert not psutil.pid_exists(report.pid) or psutil.Process(report.pid).status() == "zombie"
+    assert not (tmp_path / ".nersc_provisioner" / "kernels" / "k-1").exists()
+
+
+def test_failed_setup_is_reported_with_the_module_message(tmp_path: Path) -> None:
+    setup = EnvironmentSetup.create(setup=["echo 'no such env' >&2; false"])
+    report = launch(tmp_path, "k-2", setup)
+    assert not report.done
+    assert not report.ready
+    assert report.died_code == 92
+    error = report.error("host", ["python"])
+    assert "no such env" in str(error)
+    assert "setup line 1 failed" in str(error)
+    assert not (tmp_path / ".nersc_provisioner" / "kernels" / "k-2").exists()
+    broken = EnvironmentSetup.create(modules=["x"], module_init="/nonexistent")
+    assert launch(tmp_path, "k-3", broken).died_code == 90
+    assert isinstance(LaunchReport(died_code=91).error("h", []), ModuleLoadError)
+
+
+@pytest.mark.parametrize("kernel_id", ["../x", "a b", "$(id)", "", "a;b"])
+def test_unsafe_kernel_ids_are_refused(kernel_id: str) -> None:
+    with pytest.raises(UnsafeValueError):
+        build_launch_script(RemoteLaunch(kernel_id=kernel_id, argv=("python",), connection={}))
+
+
+def test_watchdog_ends_a_kernel_whose_lease_expired(tmp_path: Path) -> None:
+    kernel_dir = tmp_path / "k"
+    kernel_dir.mkdir()
+    lease = kernel_dir / "lease"
+    lease.write_text("")
+    kernel = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    watchdog = subprocess.Popen(
+        ["bash", "-c", WATCHDOG, "npr-watchdog", str(kernel_dir), str(kernel.pid), "2", "1"],
+        start_new_session=True,
+    )
+    try:
+        # Renewed: the kernel lives past the timeout.
+        for _ in range(4):
+            time.sleep(1)
+            lease.touch()
+        assert kernel.poll() is None
+        # Not renewed: it ends within timeout + interval (+ slack).
+        started = time.monotonic()
+        kernel.wait(timeout=10)
+        assert time.monotonic() - started < 8
+        watchdog.wait(timeout=10)
+        assert not kernel_dir.exists()
+    finally:
+        for proc in (kernel, watchdog):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
+    base = tmp_path / ".nersc_provisioner" / "kernels" / "kid"
+    base.mkdir(parents=True)
+    connection = base / "connection.json"
+    connection.write_text("{}")
+    # A stand-in for a kernel: its command line names its connection file, as a kernel's does.
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", str(connection)],
+        start_new_session=True,
+    )
+    start = Path(f"/proc/{kernel.pid}/stat").read_text().split()[21]
+    agent = subprocess.Popen(
+        ["bash", "--noprofile", "--norc", "-c", AGENT, "npr-agent", "30"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert agent.stdin is not None
+    assert agent.stdout is not None
+
+    def ask(line: str) -> str:
+        agent.stdin.write(line + "\n")  # type: ignore[union-attr]
+        agent.stdin.flush()  # type: ignore[union-attr]
+        while True:
+            words = agent.stdout.readline().split()  # type: ignore[union-attr]
+            if words[:2] == ["NPR", line.split()[1]]:
+                return words[2]
+
+    try:
+        assert agent.stdout.readline().startswith("NPR 0 ready")
+        assert ask(f"alive 1 {kernel.pid} {start} kid") == "alive"
+        assert ask(f"alive 2 {kernel.pid} {int(start) + 1} kid") == "dead"  # a reused PID
+        assert ask(f"alive 3 {kernel.pid} {start} other") == "dead"  # not that kernel
+        assert ask(f"signal 4 TERM {kernel.pid} {int(start) + 1} kid") == "gone"
+        assert kernel.poll() is None
+        assert ask(f"signal 5 TERM {kernel.pid} {start} kid") == "ok"
+        assert kernel.wait(timeout=5) == -15
+        assert ask("cleanup 6 kid") == "ok"
+        assert not base.exists()
+    finally:
+        agent.kill()
+        agent.communicate()
+        if kernel.poll() is None:
+            kernel.kill()
+            kernel.wait()
