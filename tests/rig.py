@@ -8,12 +8,16 @@
   ``broken/1.0``);
 - ``ssh``: an OpenSSH sshd "remote login node" at 10.203.0.2 inside network namespace
   ``npr-remote``, user ``nerscuser``, host key pinned in a known_hosts file, and a CA key
-  whose signed user certificates sshd accepts;
+  whose signed user certificates sshd accepts; ``remote_python`` is a Python with ipykernel
+  that ``nerscuser`` can run there (and on the jump hosts: they all share the filesystem);
+- ``jump``: a jump host, sshd at 10.203.1.2 in netns ``npr-jump``, and behind it an sshd at
+  10.203.2.2 in netns ``npr-inner`` that only ``npr-jump`` can reach (for ProxyJump); same
+  user, key, CA and known_hosts file as ``ssh``;
 - ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd) with partition ``debug``.
 
 Tests call :func:`require_rig` (or :func:`require_lmod`, :func:`require_ssh`,
-:func:`require_slurm`): when the piece is missing or not alive the test is skipped, or
-fails when ``CI=true``, with a reason that says how to start the rig.
+:func:`require_jump`, :func:`require_slurm`): when the piece is missing or not alive the test
+is skipped, or fails when ``CI=true``, with a reason that says how to start the rig.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any, NoReturn
 import pytest
 
 DEFAULT_RIG_DIR = Path("/var/tmp/nersc-provisioner-rig")
-PIECES = ("lmod", "ssh", "slurm")
+PIECES = ("lmod", "ssh", "jump", "slurm")
 UP_HINT = "start it with `scripts/test-rig up` (as root)"
 
 
@@ -55,6 +59,28 @@ class SSHRig:
     ca_key: Path
     sshd_pidfile: Path
     sshd_config: Path
+    remote_python: str = ""
+    """Path of a Python with ipykernel on the remote hosts; "" if rig.json predates it."""
+
+
+@dataclass(frozen=True)
+class JumpRig:
+    """``host`` (in ``netns``) is reachable from here; ``inner_host`` only through ``host``.
+
+    ``user``, ``identity_file`` and ``known_hosts`` (which pins all three rig hosts) are the
+    ones of the "ssh" entry.
+    """
+
+    netns: str
+    host: str
+    port: int
+    sshd_pidfile: Path
+    inner_netns: str
+    inner_host: str
+    inner_sshd_pidfile: Path
+    user: str
+    identity_file: Path
+    known_hosts: Path
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,7 @@ class Rig:
     directory: Path
     lmod: LmodRig | None = None
     ssh: SSHRig | None = None
+    jump: JumpRig | None = None
     slurm: SlurmRig | None = None
 
     @classmethod
@@ -85,6 +112,7 @@ class Rig:
                 directory=directory,
                 lmod=_lmod(data["lmod"]) if "lmod" in data else None,
                 ssh=_ssh(data["ssh"]) if "ssh" in data else None,
+                jump=_jump(data["jump"], data["ssh"]) if "jump" in data else None,
                 slurm=_slurm(data["slurm"]) if "slurm" in data else None,
             )
         except (KeyError, TypeError) as exc:
@@ -106,6 +134,23 @@ def _ssh(d: dict[str, Any]) -> SSHRig:
         ca_key=Path(d["ca_key"]),
         sshd_pidfile=Path(d["sshd_pidfile"]),
         sshd_config=Path(d["sshd_config"]),
+        remote_python=str(d.get("remote_python", "")),
+    )
+
+
+def _jump(d: dict[str, Any], ssh: dict[str, Any]) -> JumpRig:
+    """The "jump" entry; user, key and known_hosts come from the "ssh" entry."""
+    return JumpRig(
+        netns=str(d["netns"]),
+        host=str(d["host"]),
+        port=int(d["port"]),
+        sshd_pidfile=Path(d["sshd_pidfile"]),
+        inner_netns=str(d["inner_netns"]),
+        inner_host=str(d["inner_host"]),
+        inner_sshd_pidfile=Path(d["inner_sshd_pidfile"]),
+        user=str(ssh["user"]),
+        identity_file=Path(ssh["identity_file"]),
+        known_hosts=Path(ssh["known_hosts"]),
     )
 
 
@@ -119,6 +164,14 @@ def _pid_running(pidfile: Path, comm: str) -> bool:
         return Path(f"/proc/{pid}/comm").read_text().strip() == comm
     except (OSError, ValueError):
         return False
+
+
+def _answers(host: str, port: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"sshd at {host}:{port} does not answer: {exc}"
+    return None
 
 
 def _problem(rig: Rig, piece: str) -> str | None:
@@ -136,11 +189,14 @@ def _problem(rig: Rig, piece: str) -> str | None:
             return "rig.json has no 'ssh' entry"
         if not _pid_running(rig.ssh.sshd_pidfile, "sshd"):
             return f"sshd is not running (pidfile {rig.ssh.sshd_pidfile})"
-        try:
-            socket.create_connection((rig.ssh.host, rig.ssh.port), timeout=3).close()
-        except OSError as exc:
-            return f"sshd at {rig.ssh.host}:{rig.ssh.port} does not answer: {exc}"
-        return None
+        return _answers(rig.ssh.host, rig.ssh.port)
+    if piece == "jump":
+        if rig.jump is None:
+            return "rig.json has no 'jump' entry"
+        for pidfile in (rig.jump.sshd_pidfile, rig.jump.inner_sshd_pidfile):
+            if not _pid_running(pidfile, "sshd"):
+                return f"sshd is not running (pidfile {pidfile})"
+        return _answers(rig.jump.host, rig.jump.port)
     if piece == "slurm":
         if rig.slurm is None:
             return "rig.json has no 'slurm' entry"
@@ -163,7 +219,7 @@ def _unavailable(reason: str) -> NoReturn:
 
 
 def require_rig(piece: str) -> Rig:
-    """Return the rig if ``piece`` ("lmod", "ssh" or "slurm") is up; else skip (fail on CI)."""
+    """Return the rig if ``piece`` (one of :data:`PIECES`) is up; else skip (fail on CI)."""
     if piece not in PIECES:
         raise ValueError(f"unknown rig piece {piece!r}; expected one of {PIECES}")
     try:
@@ -186,6 +242,12 @@ def require_ssh() -> SSHRig:
     ssh = require_rig("ssh").ssh
     assert ssh is not None
     return ssh
+
+
+def require_jump() -> JumpRig:
+    jump = require_rig("jump").jump
+    assert jump is not None
+    return jump
 
 
 def require_slurm() -> SlurmRig:

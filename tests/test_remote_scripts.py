@@ -117,6 +117,7 @@ def test_watchdog_ends_a_kernel_whose_lease_expired(tmp_path: Path) -> None:
     lease = kernel_dir / "lease"
     lease.write_text("")
     kernel = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (kernel_dir / "pid").write_text(f"{kernel.pid} 0\n")
     watchdog = subprocess.Popen(
         ["bash", "-c", WATCHDOG, "npr-watchdog", str(kernel_dir), str(kernel.pid), "2", "1"],
         start_new_session=True,
@@ -133,6 +134,17 @@ def test_watchdog_ends_a_kernel_whose_lease_expired(tmp_path: Path) -> None:
         assert time.monotonic() - started < 8
         watchdog.wait(timeout=10)
         assert not kernel_dir.exists()
+        # A watchdog whose kernel was replaced (a restart under the same kernel id)
+        # exits without touching the new kernel's directory.
+        kernel_dir.mkdir()
+        (kernel_dir / "pid").write_text("999999 0\n")
+        old = subprocess.run(
+            ["bash", "-c", WATCHDOG, "npr-watchdog", str(kernel_dir), str(kernel.pid), "2", "1"],
+            timeout=10,
+            check=False,
+        )
+        assert old.returncode == 0
+        assert (kernel_dir / "pid").exists()
     finally:
         for proc in (kernel, watchdog):
             if proc.poll() is None:

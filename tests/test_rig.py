@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.rig import LmodRig, SlurmRig, SSHRig, require_lmod, require_slurm, require_ssh
+from tests.rig import (
+    JumpRig,
+    LmodRig,
+    SlurmRig,
+    SSHRig,
+    require_jump,
+    require_lmod,
+    require_slurm,
+    require_ssh,
+)
 
 pytestmark = pytest.mark.rig
 
@@ -35,29 +45,47 @@ def lmod_rig() -> LmodRig:
     return require_lmod()
 
 
+@pytest.fixture
+def jump_rig() -> JumpRig:
+    return require_jump()
+
+
 # --- ssh: the "remote login node" in netns npr-remote -----------------------------
 
 
-def connect(ssh: SSHRig, known_hosts: Path, key: Path | None = None) -> paramiko.SSHClient:
+def open_client(
+    host: str,
+    port: int,
+    user: str,
+    key: Path,
+    known_hosts: Path,
+    sock: paramiko.Channel | None = None,
+) -> paramiko.SSHClient:
+    """Log in with ``key``, the host key pinned by ``known_hosts``; over ``sock`` if given."""
     client = paramiko.SSHClient()
     client.load_host_keys(str(known_hosts))
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
         client.connect(
-            ssh.host,
-            port=ssh.port,
-            username=ssh.user,
-            key_filename=str(key or ssh.identity_file),
+            host,
+            port=port,
+            username=user,
+            key_filename=str(key),
             look_for_keys=False,
             allow_agent=False,
             timeout=10,
             banner_timeout=10,
             auth_timeout=10,
+            sock=sock,
         )
     except BaseException:
         client.close()
         raise
     return client
+
+
+def connect(ssh: SSHRig, known_hosts: Path, key: Path | None = None) -> paramiko.SSHClient:
+    return open_client(ssh.host, ssh.port, ssh.user, key or ssh.identity_file, known_hosts)
 
 
 def run_remote(client: paramiko.SSHClient, command: str) -> str:
@@ -157,6 +185,103 @@ def test_user_certificate_signed_by_rig_ca_is_accepted(ssh_rig: SSHRig, tmp_path
     assert (tmp_path / "id_cert_user-cert.pub").is_file()
     with connect(ssh_rig, ssh_rig.known_hosts, key=key) as client:
         assert run_remote(client, "id -un").strip() == ssh_rig.user
+
+
+# --- what the remote user runs: the rig python and the repo's modulefiles --------------
+
+
+def remote_python_checks(client: paramiko.SSHClient, python: str) -> str:
+    """Run ipykernel's launcher with the remote python; return ipykernel's version."""
+    q = shlex.quote(python)
+    help_text = run_remote(client, f"{q} -m ipykernel_launcher --help")
+    assert "IPKernelApp.connection_file" in help_text, help_text[:500]
+    version = run_remote(client, f"{q} -c 'import ipykernel; print(ipykernel.__version__)'")
+    return version.strip()
+
+
+def remote_module_load(client: paramiko.SSHClient, lmod: LmodRig, module: str) -> str:
+    init, modulepath = shlex.quote(str(lmod.init)), shlex.quote(str(lmod.modulepath))
+    return run_remote(
+        client,
+        f". {init}; module use {modulepath}; module load {shlex.quote(module)} || exit $?; "
+        'echo "$NERSC_TEST_MODULE"',
+    ).strip()
+
+
+def test_remote_python_has_ipykernel(ssh_rig: SSHRig) -> None:
+    assert ssh_rig.remote_python, "rig.json has no ssh.remote_python"
+    with connect(ssh_rig, ssh_rig.known_hosts) as client:
+        assert run_remote(client, "id -un").strip() == ssh_rig.user
+        version = remote_python_checks(client, ssh_rig.remote_python)
+    assert re.fullmatch(r"[0-9]+\.[0-9]+.*", version), version
+
+
+def test_module_load_works_remotely(ssh_rig: SSHRig, lmod_rig: LmodRig) -> None:
+    with connect(ssh_rig, ssh_rig.known_hosts) as client:
+        assert remote_module_load(client, lmod_rig, "nersc-test/1.0") == "nersc-test-1.0"
+
+
+# --- jump: npr-jump reachable from here, npr-inner only through it ------------------
+
+
+def test_inner_host_is_not_reachable_from_root_ns(jump_rig: JumpRig) -> None:
+    # The rig routes 10.203.0.0/16 "unreachable" in the root namespace (so that no packet for
+    # it leaves the machine): expect "No route to host" at once, or at worst a timeout.
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:  # noqa: PT011 - refused, unreachable or timed out
+        socket.create_connection((jump_rig.inner_host, 22), timeout=2).close()
+    assert time.monotonic() - started < 5, info.value
+    # ... while from the jump host's namespace it answers.
+    code = f"import socket; socket.create_connection(({jump_rig.inner_host!r}, 22), timeout=5)"
+    inside = subprocess.run(
+        ["ip", "netns", "exec", jump_rig.netns, sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert inside.returncode == 0, f"inner sshd unreachable from {jump_rig.netns}: {inside.stderr}"
+
+
+def test_ssh_proxyjump_reaches_inner_host(jump_rig: JumpRig, tmp_path: Path) -> None:
+    # ssh passes -F, but not -i or -o, on to the ProxyJump hop: it reads these from the file.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host *\n"
+        f"  IdentityFile {jump_rig.identity_file}\n"
+        "  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {jump_rig.known_hosts}\n"
+        "  GlobalKnownHostsFile /dev/null\n"
+        "  StrictHostKeyChecking yes\n"
+        "  BatchMode yes\n"
+        "  ConnectTimeout 10\n"
+    )
+    result = subprocess.run(
+        ["ssh", "-F", str(config), "-i", str(jump_rig.identity_file),
+         "-o", f"UserKnownHostsFile={jump_rig.known_hosts}",
+         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+         "-J", f"{jump_rig.user}@{jump_rig.host}", f"{jump_rig.user}@{jump_rig.inner_host}",
+         "hostname", "-I"],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert jump_rig.inner_host in result.stdout.split()
+
+
+def test_inner_host_has_remote_python_and_modules(
+    jump_rig: JumpRig, ssh_rig: SSHRig, lmod_rig: LmodRig
+) -> None:
+    """Through the jump host with paramiko (direct-tcpip), as a ProxyJump transport would."""
+    assert ssh_rig.remote_python, "rig.json has no ssh.remote_python"
+    key, known = jump_rig.identity_file, jump_rig.known_hosts
+    with open_client(jump_rig.host, jump_rig.port, jump_rig.user, key, known) as jump:
+        transport = jump.get_transport()
+        assert transport is not None
+        channel = transport.open_channel(
+            "direct-tcpip", (jump_rig.inner_host, 22), ("127.0.0.1", 0), timeout=10
+        )
+        with open_client(jump_rig.inner_host, 22, jump_rig.user, key, known, channel) as inner:
+            assert jump_rig.inner_host in run_remote(inner, "hostname -I").split()
+            version = remote_python_checks(inner, ssh_rig.remote_python)
+            assert re.fullmatch(r"[0-9]+\.[0-9]+.*", version), version
+            assert remote_module_load(inner, lmod_rig, "nersc-test/1.0") == "nersc-test-1.0"
 
 
 # --- slurm ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Rig, SSHRig, require_rig, rig_dir
+from tests.rig import PIECES, JumpRig, Rig, SSHRig, require_rig, rig_dir
 
 
 def write_rig_json(directory: Path, **entries: object) -> None:
@@ -27,6 +27,16 @@ SSH_ENTRY = {
     "ca_key": "/nonexistent/ca",
     "sshd_pidfile": "/nonexistent/sshd.pid",
     "sshd_config": "/nonexistent/sshd_config",
+}
+
+JUMP_ENTRY = {
+    "netns": "npr-jump",
+    "host": "10.203.1.2",
+    "port": 22,
+    "sshd_pidfile": "/nonexistent/jump-sshd.pid",
+    "inner_netns": "npr-inner",
+    "inner_host": "10.203.2.2",
+    "inner_sshd_pidfile": "/nonexistent/inner-sshd.pid",
 }
 
 
@@ -52,8 +62,42 @@ def test_load_parses_entries(tmp_path: Path) -> None:
         sshd_pidfile=Path("/nonexistent/sshd.pid"),
         sshd_config=Path("/nonexistent/sshd_config"),
     )
+    assert rig.jump is None
     assert rig.slurm is not None
     assert rig.slurm.partition == "p"
+
+
+def test_load_parses_remote_python_and_jump(tmp_path: Path) -> None:
+    ssh = {**SSH_ENTRY, "remote_python": "/opt/nersc-rig-python/bin/python"}
+    write_rig_json(tmp_path, ssh=ssh, jump=JUMP_ENTRY)
+    rig = Rig.load(tmp_path)
+    assert rig.ssh is not None
+    assert rig.ssh.remote_python == "/opt/nersc-rig-python/bin/python"
+    assert rig.jump == JumpRig(
+        netns="npr-jump",
+        host="10.203.1.2",
+        port=22,
+        sshd_pidfile=Path("/nonexistent/jump-sshd.pid"),
+        inner_netns="npr-inner",
+        inner_host="10.203.2.2",
+        inner_sshd_pidfile=Path("/nonexistent/inner-sshd.pid"),
+        user="nerscuser",  # these three come from the "ssh" entry
+        identity_file=Path("/nonexistent/id_ed25519"),
+        known_hosts=Path("/nonexistent/known_hosts"),
+    )
+
+
+def test_remote_python_is_empty_when_rig_json_predates_it(tmp_path: Path) -> None:
+    write_rig_json(tmp_path, ssh=SSH_ENTRY)
+    rig = Rig.load(tmp_path)
+    assert rig.ssh is not None
+    assert rig.ssh.remote_python == ""
+
+
+def test_jump_without_ssh_entry_is_malformed(tmp_path: Path) -> None:
+    write_rig_json(tmp_path, jump=JUMP_ENTRY)
+    with pytest.raises(ValueError, match="malformed"):
+        Rig.load(tmp_path)
 
 
 def test_load_rejects_malformed_entry(tmp_path: Path) -> None:
@@ -70,6 +114,8 @@ def test_load_rejects_malformed_entry(tmp_path: Path) -> None:
         ({"slurm": {"conf": "/c", "partition": "p", "node": "n"}}, "ssh", "no 'ssh' entry"),
         ({"ssh": SSH_ENTRY}, "ssh", "sshd is not running"),
         ({"lmod": {"init": "/nonexistent/init", "modulepath": "/"}}, "lmod", "Lmod init"),
+        ({"ssh": SSH_ENTRY}, "jump", "no 'jump' entry"),
+        ({"ssh": SSH_ENTRY, "jump": JUMP_ENTRY}, "jump", "jump-sshd.pid"),
     ],
 )
 def test_unavailable_piece_skips_or_fails_on_ci(
@@ -90,6 +136,10 @@ def test_unavailable_piece_skips_or_fails_on_ci(
     message = str(info.value)
     assert reason in message
     assert "scripts/test-rig up" in message
+
+
+def test_pieces() -> None:
+    assert PIECES == ("lmod", "ssh", "jump", "slurm")
 
 
 def test_unknown_piece_is_a_programming_error() -> None:

@@ -101,6 +101,7 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             'echo "NPR_PID $npr_pid $npr_start $(hostname)"',
             f'setsid bash --noprofile --norc -c {quote(WATCHDOG)} npr-watchdog "$npr_dir" '
             f'"$npr_pid" {ttl} {every} </dev/null >/dev/null 2>&1 &',
+            'npr_watchdog=$!; echo "$npr_watchdog" > "$npr_dir/watchdog"',
             "while :; do",
             '  n=$(grep -c \'_port": [1-9]\' "$npr_dir/connection.json" 2>/dev/null)',
             '  [ "${n:-0}" -ge 5 ] && break',
@@ -108,6 +109,7 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             '    wait "$npr_pid"; npr_code=$?',
             '    echo "NPR_DIED $npr_code"',
             '    tail -n 40 "$npr_dir/kernel.log" 2>/dev/null',
+            '    kill -- "-$npr_watchdog" 2>/dev/null',
             '    rm -rf -- "$npr_dir"',
             "    exit 1",
             "  fi",
@@ -122,9 +124,10 @@ def build_launch_script(launch: RemoteLaunch) -> str:
 
 WATCHDOG = r"""# nersc_provisioner watchdog: end the kernel when its lease is not renewed
 d=$1; pid=$2; ttl=$3; every=$4
+mine() { [ "$(cut -d' ' -f1 "$d/pid" 2>/dev/null)" = "$pid" ]; }  # not a restarted kernel's
 while :; do
   sleep "$every"
-  if ! kill -0 "$pid" 2>/dev/null || [ ! -d "$d" ]; then rm -rf -- "$d"; exit 0; fi
+  if ! kill -0 "$pid" 2>/dev/null || ! mine; then mine && rm -rf -- "$d"; exit 0; fi
   now=$(date +%s)
   seen=$(stat -c %Y "$d/lease" 2>/dev/null || date -r "$d/lease" +%s 2>/dev/null || echo 0)
   if [ $((now - seen)) -gt "$ttl" ]; then
@@ -133,7 +136,7 @@ while :; do
     kill -TERM -- "-$pid" 2>/dev/null
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$pid" 2>/dev/null
-    rm -rf -- "$d"
+    mine && rm -rf -- "$d"
     exit 0
   fi
 done
@@ -148,6 +151,12 @@ verify() {  # verify PID START ID: the process is that kernel, not a reused PID
   tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$base/$3/connection.json"
 }
 renew() { for k in $watched; do [ -d "$base/$k" ] && : > "$base/$k/lease"; done; }
+unwatchdog() {  # end kernel $1's watchdog (its whole session), verified by its command line
+  w=$(cat "$base/$1/watchdog" 2>/dev/null) || return 0
+  tr '\0' ' ' < "/proc/$w/cmdline" 2>/dev/null | grep -qF -- "npr-watchdog $base/$1 " &&
+    kill -- "-$w" 2>/dev/null
+  return 0
+}
 echo "NPR 0 ready $(hostname)"
 while :; do
   if ! IFS=' ' read -r -t "$every" cmd seq a b c d; then
@@ -162,23 +171,41 @@ while :; do
     signal) if verify "$b" "$c" "$d"; then
         kill -s "$a" -- "-$b" 2>/dev/null || kill -s "$a" "$b"; echo "NPR $seq ok"
       else echo "NPR $seq gone"; fi ;;
-    cleanup) rm -rf -- "$base/$a"; echo "NPR $seq ok" ;;
+    cleanup) unwatchdog "$a"; rm -rf -- "$base/$a"; echo "NPR $seq ok" ;;
     renew) renew; echo "NPR $seq ok" ;;
     *) echo "NPR $seq error unknown command" ;;
   esac
 done
 """
 
-PS_SCRIPT = r"""base=$HOME/.nersc_provisioner/kernels
-for d in "$base"/*/; do
+# Shell functions shared by `ps` and `kill`: the kernel of directory $1 is the
+# process whose command line names $1/connection.json (PID file or not).
+FIND_KERNEL = r"""kernel_of() {  # "PID START" of the kernel of directory $d, or "0 0"
+  set -- $(cat "$d/pid" 2>/dev/null) 0 0
+  if [ "$(cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ]; then echo "$1 $2"; return; fi
+  for p in /proc/[0-9]*; do
+    c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)
+    case " $c " in
+      *" $d/connection.json "*) echo "${p#/proc/} $(cut -d' ' -f22 "$p/stat")"; return ;;
+    esac
+  done
+  echo "0 0"
+}
+"""
+
+PS_SCRIPT = (
+    FIND_KERNEL
+    + r"""base=$HOME/.nersc_provisioner/kernels
+for d in "$base"/*; do
   [ -d "$d" ] || continue
-  k=$(basename "$d"); set -- $(cat "$d/pid" 2>/dev/null) 0 0
+  k=$(basename "$d"); set -- $(kernel_of)
   state=dead
-  if [ "$(cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ]; then state=running; fi
+  if [ "$1" != 0 ]; then state=running; fi
   age=$(( $(date +%s) - $(stat -c %Y "$d/lease" 2>/dev/null || echo 0) ))
   echo "NPR_PS $k $1 $2 $state $age"
 done
 """
+)
 
 
 def agent_command(renew_every: int) -> str:
@@ -187,13 +214,16 @@ def agent_command(renew_every: int) -> str:
 
 
 def kill_script(kernel_id: str) -> str:
-    """End kernel ``kernel_id`` (verified by its recorded PID and start time) and remove it."""
+    """End kernel ``kernel_id`` (found by PID and start time, or its command line), remove it."""
     kid = check_token(kernel_id, "kernel id")
-    return "\n".join(
+    return FIND_KERNEL + "\n".join(
         [
             f"d={REMOTE_BASE}/{kid}",
-            'set -- $(cat "$d/pid" 2>/dev/null) 0 0',
-            'if [ "$(cut -d\' \' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ]; then',
+            'w=$(cat "$d/watchdog" 2>/dev/null) &&',
+            "  tr '\\0' ' ' < \"/proc/$w/cmdline\" 2>/dev/null | "
+            'grep -qF -- "npr-watchdog $d " && kill -- "-$w" 2>/dev/null',
+            "set -- $(kernel_of)",
+            'if [ "$1" != 0 ]; then',
             '  kill -TERM -- "-$1" 2>/dev/null; sleep 1; kill -KILL -- "-$1" 2>/dev/null',
             "fi",
             'rm -rf -- "$d"; echo NPR_KILLED',

@@ -43,6 +43,10 @@ log = logging.getLogger("nersc_provisioner.ssh")
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 256 * 1024
 KEEPALIVE = 10
+# sshd allows MaxSessions (default 10) session channels per connection.  The
+# agent holds one; launches and other scripts share what is left, so that the
+# 11th kernel started at once waits for a session instead of being refused.
+EXEC_SESSIONS = 8
 RENEW_EVERY = 30
 BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 _FATAL = (AuthenticationError, CertificateExpiredError, ChangedHostKeyError, UnknownHostKeyError)
@@ -66,6 +70,7 @@ class SSHConnection:
         self._closing = False
         self._users = 0
         self._listeners: list[Callable[[str], None]] = []
+        self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -237,10 +242,11 @@ class SSHConnection:
         self, script: str, *, timeout: float, on_line: Callable[[str], bool] | None = None
     ) -> tuple[int | None, list[str]]:
         """Run ``script`` on the host (see :func:`~.ssh.exec_script`)."""
-        transport = self.transport()
-        if transport is None:
-            raise SSHConnectError(f"not connected to {self.target.label}")
-        return exec_script(transport, script, timeout=timeout, on_line=on_line)
+        with self._sessions:
+            transport = self.transport()
+            if transport is None:
+                raise SSHConnectError(f"not connected to {self.target.label}")
+            return exec_script(transport, script, timeout=timeout, on_line=on_line)
 
     def watch(self, kernel_ids: Iterable[str]) -> None:
         for kernel_id in kernel_ids:

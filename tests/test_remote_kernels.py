@@ -1,0 +1,380 @@
+"""nersc-cori against the rig's real sshd in its network namespace, with real kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from nersc_provisioner import KernelCommandError, ModuleLoadError
+from nersc_provisioner.errors import UnknownHostKeyError
+from nersc_provisioner.transports.connection import ConnectionPool
+from tests.conftest import KernelFactory
+from tests.kernels import ready_client, run_cell
+from tests.rig import SSHRig, require_lmod, require_ssh
+
+pytestmark = [pytest.mark.kernel, pytest.mark.rig]
+
+
+@pytest.fixture
+def rig() -> SSHRig:
+    return require_ssh()
+
+
+@pytest.fixture
+def remote_config(rig: SSHRig) -> dict[str, Any]:
+    if not rig.remote_python:
+        pytest.fail("rig.json has no ssh.remote_python; run scripts/test-rig up")
+    return {
+        "host": rig.host,
+        "user": rig.user,
+        "identity_file": str(rig.identity_file),
+        "known_hosts": [str(rig.known_hosts)],
+        "ssh_config": "",
+        "remote_python": rig.remote_python,
+    }
+
+
+def remote_processes(rig: SSHRig) -> list[str]:
+    """Command lines of the rig user's processes (the netns shares our PID namespace)."""
+    found = []
+    for proc in psutil.process_iter(["username", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if proc.info["username"] == rig.user and proc.info["cmdline"]:
+            found.append(" ".join(proc.info["cmdline"]))
+    return found
+
+
+def running(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie waiting for PID 1 to reap it does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def ours(lines: list[str]) -> list[str]:
+    marks = ("ipykernel", "npr-watchdog", "npr-agent", "nersc-kernel")
+    return [line for line in lines if any(mark in line for mark in marks)]
+
+
+async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return bool(predicate())
+
+
+async def test_lifecycle_inside_the_namespace(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    ports = {name: getattr(km, name) for name in ("shell_port", "iopub_port", "hb_port")}
+    try:
+        result = await run_cell(kc, "import subprocess; print(subprocess.getoutput('hostname -I'))")
+        assert rig.host in result.stdout.split()
+
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        while True:
+            reply = await kc.get_shell_msg(timeout=5)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        elapsed = time.monotonic() - started
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert elapsed < 1.0, f"interrupt took {elapsed:.2f} s"
+
+        first_pid = km.provisioner.remote.pid  # type: ignore[union-attr]
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        assert km.provisioner.remote.pid != first_pid  # type: ignore[union-attr]
+        assert {name: getattr(km, name) for name in ports} == ports  # same local ports
+        result = await run_cell(kc, "print(6 * 7)")
+        assert result.stdout.strip() == "42"
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+    assert await wait_until(lambda: not ours(remote_processes(rig)), 10), ours(
+        remote_processes(rig)
+    )
+    home = Path(f"/home/{rig.user}/.nersc_provisioner/kernels")
+    assert not (home / str(km.kernel_id)).exists()
+
+
+async def test_secrets_stay_put(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    handler = Collect(level=logging.DEBUG)
+    for name in ("nersc_provisioner", "traitlets", "paramiko", ""):
+        logging.getLogger(name).addHandler(handler)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        km = await start_kernel(remote_config, provisioner="nersc-cori")
+        km.log.setLevel(logging.DEBUG)
+        kc = await ready_client(km)
+        await run_cell(kc, "x = 1")
+        kc.stop_channels()
+        key = km.session.key
+        assert len(key) >= 16
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            for part in ("cmdline", "environ"):
+                try:
+                    data = (proc / part).read_bytes()
+                except OSError:
+                    continue
+                assert key not in data, f"key in /proc/{proc.name}/{part}"
+        kernel_dir = Path(f"/home/{rig.user}/.nersc_provisioner/kernels/{km.kernel_id}")
+        assert kernel_dir.stat().st_mode & 0o777 == 0o700
+        assert (kernel_dir / "connection.json").stat().st_mode & 0o777 == 0o600
+        remote = km.provisioner.remote  # type: ignore[union-attr]
+        listening = subprocess.run(
+            ["ip", "netns", "exec", rig.netns, "ss", "-ltnH"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for port in remote.ports.values():
+            binds = [
+                line.split()[3] for line in listening.splitlines() if f":{port} " in line + " "
+            ]
+            assert binds == [f"127.0.0.1:{port}"], (port, listening)
+    finally:
+        for name in ("nersc_provisioner", "traitlets", "paramiko", ""):
+            logging.getLogger(name).removeHandler(handler)
+        logging.getLogger().setLevel(root_level)
+    assert records, "nothing was logged at DEBUG, so the check below would prove nothing"
+    assert not [r for r in records if key.decode() in r]
+
+
+def sshd_children(rig: SSHRig) -> list[psutil.Process]:
+    master = psutil.Process(int(rig.sshd_pidfile.read_text()))
+    return [p for p in master.children() if p.username() == "root"]
+
+
+async def test_drop_and_recovery_keeps_the_kernel(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    try:
+        await run_cell(kc, "kept = 'still here'")
+        for child in sshd_children(rig):
+            child.kill()  # the sshd process serving our connection
+        started = time.monotonic()
+        result = await run_cell(kc, "print(kept)", timeout=30)
+        elapsed = time.monotonic() - started
+        assert result.stdout.strip() == "still here"
+        assert elapsed < 15, f"recovery took {elapsed:.1f} s"
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+
+
+async def test_missing_remote_python_is_named(
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
+) -> None:
+    config = {**remote_config, "remote_python": "/nonexistent/bin/python"}
+    started = time.monotonic()
+    with pytest.raises(KernelCommandError) as info:
+        await start_kernel(config, provisioner="nersc-cori")
+    assert time.monotonic() - started < 10
+    assert "kernel command not found: /nonexistent/bin/python" in str(info.value)
+
+
+async def test_failing_module_is_named(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    lmod = require_lmod()
+    config = {**remote_config, "module_use": [str(lmod.modulepath)], "modules": ["broken/1.0"]}
+    with pytest.raises(ModuleLoadError) as info:
+        await start_kernel(config, provisioner="nersc-cori")
+    assert "broken/1.0: this modulefile fails on" in str(info.value)
+    assert rig.host in str(info.value)
+    # The failed start closed the connection; sshd ends the agent's session soon after.
+    assert await wait_until(lambda: not ours(remote_processes(rig)), 10), ours(
+        remote_processes(rig)
+    )
+
+
+async def test_module_variable_is_seen_remotely(
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
+) -> None:
+    lmod = require_lmod()
+    config = {**remote_config, "module_use": [str(lmod.modulepath)], "modules": ["nersc-test/2.0"]}
+    km = await start_kernel(config, provisioner="nersc-cori", env={"NPR_FROM_SPEC": "a b'c"})
+    kc = await ready_client(km)
+    try:
+        code = "import os; print(os.environ['NERSC_TEST_MODULE'], os.environ['NPR_FROM_SPEC'])"
+        result = await run_cell(kc, code)
+        assert result.stdout.strip() == "nersc-test-2.0 a b'c"
+    finally:
+        kc.stop_channels()
+
+
+async def test_unknown_host_key_fails_the_start(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(UnknownHostKeyError, match="SHA256:"):
+        await start_kernel({**remote_config, "known_hosts": [str(empty)]}, provisioner="nersc-cori")
+
+
+async def test_ten_kernels_share_one_connection(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    log = rig.sshd_pidfile.parent / "sshd.log"
+    before = len(log.read_text().splitlines())
+    managers = await asyncio.gather(
+        *(start_kernel(remote_config, name=f"k{i}", provisioner="nersc-cori") for i in range(10))
+    )
+    assert ConnectionPool.count() == 1
+    clients = [await ready_client(km) for km in managers]
+    try:
+        results = await asyncio.gather(*(run_cell(kc, "print(2 + 2)") for kc in clients))
+        assert [r.stdout.strip() for r in results] == ["4"] * 10
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+    logins = [
+        line for line in log.read_text().splitlines()[before:] if "Accepted publickey" in line
+    ]
+    assert len(logins) == 1, logins
+
+
+REATTACH = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    async def main():
+        info = json.loads(sys.stdin.read())
+        km = AsyncKernelManager(kernel_name=info["kernel_name"])
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            info["kernel_id"], km.kernel_spec, parent=km
+        )
+        await provisioner.load_provisioner_info(info["provisioner"])
+        km.provisioner = provisioner
+        km.kernel_id = info["kernel_id"]
+        km.load_connection_info(provisioner.connection_info)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=30)
+        out = []
+        await kc.execute_interactive(
+            "print(secret)", timeout=30,
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+        )
+        kc.stop_channels()
+        await provisioner.cleanup(restart=True)
+        print("REATTACHED", "".join(out).strip())
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_reattach_from_a_second_process(
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
+) -> None:
+    km = await start_kernel(remote_config, name="reattach", provisioner="nersc-cori")
+    kc = await ready_client(km)
+    await run_cell(kc, "secret = 'from the first process'")
+    kc.stop_channels()
+    info = await km.provisioner.get_provisioner_info()  # type: ignore[union-attr]
+    payload = json.dumps(
+        {"kernel_name": "reattach", "kernel_id": km.kernel_id, "provisioner": info}
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        REATTACH,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(payload.encode()), 90)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "REATTACHED from the first process" in out.decode()
+
+
+ORPHAN = textwrap.dedent(
+    """
+    import asyncio, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def main():
+        km = AsyncKernelManager(kernel_name=sys.argv[1])
+        await km.start_kernel()
+        remote = km.provisioner.remote
+        print("STARTED", remote.pid, remote.kernel_id, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_watchdog_ends_the_kernel_of_a_killed_manager(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+) -> None:
+    config = {**remote_config, "lease_timeout": 10}
+    folder = jupyter_dirs / "kernels" / "orphan"
+    folder.mkdir(parents=True)
+    spec = {
+        "display_name": "orphan",
+        "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "nersc-cori", "config": config}},
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, "orphan"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["STARTED"], line
+        pid = int(line[1])
+        assert running(pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        started = time.monotonic()
+        assert await wait_until(lambda: not running(pid), 60, step=1)
+        gone_after = time.monotonic() - started
+        assert gone_after > 5, "the kernel died too early: the lease should have kept it"
+        assert await wait_until(lambda: not ours(remote_processes(rig)), 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
