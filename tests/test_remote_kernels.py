@@ -22,7 +22,7 @@ from nersc_provisioner.errors import UnknownHostKeyError
 from nersc_provisioner.transports.connection import ConnectionPool
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
-from tests.rig import SSHRig, require_lmod, require_ssh
+from tests.rig import SSHRig, require_jump, require_lmod, require_ssh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -378,3 +378,95 @@ async def test_watchdog_ends_the_kernel_of_a_killed_manager(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+async def test_proxyjump_with_two_hops(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], tmp_path: Path
+) -> None:
+    jump = require_jump()
+    config_file = tmp_path / "ssh_config"
+    common = (
+        f"  User {jump.user}\n  IdentityFile {jump.identity_file}\n"
+        f"  UserKnownHostsFile {jump.known_hosts}\n"
+    )
+    # inner is reachable only from inside the jump namespace; two hops lead there.
+    config_file.write_text(
+        f"Host inner\n  HostName {jump.inner_host}\n{common}  ProxyJump gate,gate\n"
+        f"Host gate\n  HostName {jump.host}\n{common}"
+    )
+    config = {
+        "host": "inner",
+        "ssh_config": str(config_file),
+        "remote_python": remote_config["remote_python"],
+    }
+    km = await start_kernel(config, provisioner="nersc-perlmutter")
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import subprocess; print(subprocess.getoutput('hostname -I'))")
+        assert jump.inner_host in result.stdout.split()
+    finally:
+        kc.stop_channels()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nersc_provisioner", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_check_ps_and_kill_commands(
+    remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+) -> None:
+    installed = cli(
+        "install", "--user", "--name", "rig-check", "--provisioner", "nersc-cori",
+        "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
+        "--known-hosts", str(rig.known_hosts), "--remote-python", rig.remote_python,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    checked = cli("check", "rig-check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    steps = [line for line in checked.stdout.splitlines() if line.startswith("[")]
+    assert len(steps) == 5, checked.stdout
+    assert all(step.startswith("[ok  ]") for step in steps), checked.stdout
+    assert "ipykernel" in checked.stdout
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, "rig-check"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        words = proc.stdout.readline().split()
+        pid, kernel_id = int(words[1]), words[2]
+        listed = cli("ps", "rig-check")
+        assert kernel_id in listed.stdout
+        assert "running" in listed.stdout
+        killed = cli("kill", "rig-check", kernel_id)
+        assert killed.returncode == 0, killed.stderr
+        assert f"ended {kernel_id}" in killed.stdout
+        assert await wait_until(lambda: not running(pid), 10)
+        assert kernel_id not in cli("ps", "rig-check").stdout
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+async def test_bad_check_names_the_failing_step(
+    remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    installed = cli(
+        "install", "--user", "--name", "rig-bad", "--provisioner", "nersc-cori",
+        "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
+        "--known-hosts", str(empty),
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    checked = cli("check", "rig-bad")
+    assert checked.returncode == 1
+    assert "[FAIL] connect and verify host key" in checked.stdout
+    assert "ssh-keyscan" in checked.stdout

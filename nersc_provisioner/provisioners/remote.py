@@ -63,7 +63,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     port = Int(help="SSH port (0: from ~/.ssh/config, else 22).").tag(config=True)
     identity_file = Unicode(
         help="Private key; its '-cert.pub' certificate is used with it "
-        "('' : IdentityFile from ~/.ssh/config, else the system's default key)."
+        "('' : IdentityFile from ~/.ssh/config, else the system's default, ~/.ssh/nersc "
+        "for NERSC systems)."
     ).tag(config=True)
     ssh_config = Unicode(help="ssh config file to honour ('' to ignore).").tag(config=True)
     known_hosts = List(Unicode(), help="known_hosts files (default ~/.ssh/known_hosts).").tag(
@@ -95,7 +96,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     @default("identity_file")
     def _default_identity_file(self) -> str:
-        return str(_env_default("identity_file", self.system.identity_file))
+        return str(_env_default("identity_file", ""))
 
     @default("ssh_config")
     def _default_ssh_config(self) -> str:
@@ -151,6 +152,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             identity_file=self.identity_file,
             ssh_config=self.ssh_config or None,
             known_hosts=self.known_hosts,
+            fallback_identity_file=self.system.identity_file,
         )
 
     @property

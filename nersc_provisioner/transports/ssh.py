@@ -24,7 +24,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -91,10 +91,16 @@ def resolve_target(
     identity_file: str = "",
     ssh_config: str | None = DEFAULT_SSH_CONFIG,
     known_hosts: Sequence[str] = (),
+    fallback_identity_file: str = "",
 ) -> SSHTarget:
-    """Resolve ``host`` the way ``ssh`` would; explicit settings win over the config file."""
+    """Resolve ``host`` the way ``ssh`` would.
+
+    Explicit settings win over the config file; ``fallback_identity_file`` (a
+    system's default, e.g. NERSC's ``~/.ssh/nersc``) is used only when neither
+    names a key.
+    """
     config = _load_ssh_config(ssh_config)
-    return _resolve(
+    target = _resolve(
         config,
         host,
         user=user,
@@ -103,6 +109,9 @@ def resolve_target(
         known_hosts=tuple(known_hosts),
         depth=0,
     )
+    if not target.identity_files and fallback_identity_file:
+        target = replace(target, identity_files=(os.path.expanduser(fallback_identity_file),))
+    return target
 
 
 def _resolve(
