@@ -15,9 +15,9 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
 from nersc_provisioner import (
+    PROVISIONERS,
     ConfigError,
     KernelSpecError,
-    NERSCLocalProvisioner,
     UnsafeValueError,
     build_kernel_spec,
     install_kernel_spec,
@@ -171,4 +171,5 @@ def test_entry_point_is_what_install_writes(
     factory = KernelProvisionerFactory.instance()
     assert factory.is_provisioner_available(spec)
     provisioner = factory.create_provisioner_instance("k", spec, parent=None)
-    assert isinstance(provisioner, NERSCLocalProvisioner)
+    name = spec.metadata["kernel_provisioner"]["provisioner_name"]
+    assert type(provisioner) is PROVISIONERS[name]
