@@ -21,7 +21,7 @@ demo: venv
 
 bench: venv
 	scripts/ensure-lmod
-	$(BIN)/python benchmarks/bench_local.py
+	$(BIN)/python benchmarks/bench.py
 
 rig:
 	scripts/test-rig up

@@ -1,10 +1,14 @@
-"""Benchmark: nersc-local against jupyter_client's local-provisioner, in the same run.
+"""Benchmark: our provisioners against jupyter_client's local-provisioner, in one run.
 
-    .venv/bin/python benchmarks/bench_local.py [--starts 5] [--round-trips 200]
+    .venv/bin/python benchmarks/bench.py [--starts 5] [--round-trips 200] [--scale 1,10,50]
 
-Prints a table (median and p95, and the ratio to the local-provisioner
-baseline) and writes benchmarks/results/local.json.  Needs Lmod for the
-module-wrapper row (`scripts/ensure-lmod`).
+Rows: local-provisioner (the baseline), nersc-local without and with a module
+wrapper, and nersc-cori against the test rig's sshd in its network namespace
+(needs `scripts/test-rig up`; skipped with a note otherwise).  Prints a table
+(median, p95, ratio to the baseline) and writes benchmarks/results/bench.json.
+The scale part starts N kernels at once per provisioner and reports the total
+start time, round trips under load, and this process's threads, open file
+descriptors and RSS.
 """
 
 from __future__ import annotations
@@ -22,12 +26,30 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MODULEFILE = 'setenv("NERSC_BENCH_MODULE", "1")\n'
 RESULTS = Path(__file__).parent / "results"
+RIG = Path(os.environ.get("NERSC_RIG_DIR") or "/var/tmp/nersc-provisioner-rig") / "rig.json"
+
+
+def rig_config() -> dict[str, Any] | None:
+    """nersc-cori settings for the test rig's sshd, or None without the rig."""
+    try:
+        ssh = json.loads(RIG.read_text())["ssh"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return {
+        "host": ssh["host"],
+        "user": ssh["user"],
+        "identity_file": ssh["identity_file"],
+        "known_hosts": [ssh["known_hosts"]],
+        "ssh_config": "/dev/null",
+        "remote_python": ssh["remote_python"],
+    }
 
 
 def quantiles(samples: list[float]) -> dict[str, float]:
@@ -39,8 +61,11 @@ def quantiles(samples: list[float]) -> dict[str, float]:
 def write_spec(data_dir: Path, name: str, provisioner: str, config: dict[str, Any]) -> None:
     folder = data_dir / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
+    remote = provisioner in ("nersc-cori", "nersc-perlmutter")
     spec = {
-        "argv": ARGV,
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        if remote
+        else ARGV,
         "display_name": name,
         "language": "python",
         "metadata": {"kernel_provisioner": {"provisioner_name": provisioner, "config": config}},
@@ -99,15 +124,20 @@ async def throughput(kc: AsyncKernelClient, megabytes: int = 20) -> float:
 
 
 async def measure(name: str, starts: int, round_trips: int) -> dict[str, Any]:
-    start_s, shutdown_s = [], []
-    for _ in range(starts):
+    cold_s, start_s, shutdown_s = [], [], []
+    for _ in range(starts):  # cold: no other kernel, so a remote start logs in first
         km, kc, elapsed = await started(name)
-        start_s.append(elapsed)
+        cold_s.append(elapsed)
         kc.stop_channels()
-        shutdown_s.append(await timed(lambda km=km: km.shutdown_kernel()))
+        await km.shutdown_kernel()
 
-    km, kc, _ = await started(name)
+    km, kc, _ = await started(name)  # held open: the starts below are warm
     try:
+        for _ in range(starts):
+            other, other_kc, elapsed = await started(name)
+            start_s.append(elapsed)
+            other_kc.stop_channels()
+            shutdown_s.append(await timed(lambda other=other: other.shutdown_kernel()))
         rtt = []
         for _ in range(round_trips):
             rtt.append(await timed(lambda: kc.execute_interactive("pass", timeout=30)))
@@ -123,6 +153,7 @@ async def measure(name: str, starts: int, round_trips: int) -> dict[str, Any]:
         kc.stop_channels()
         await km.shutdown_kernel()
     return {
+        "start_cold_s": quantiles(cold_s),
         "start_s": quantiles(start_s),
         "round_trip_ms": quantiles([t * 1000 for t in rtt]),
         "iopub_MB_per_s": quantiles(mbps),
@@ -130,6 +161,60 @@ async def measure(name: str, starts: int, round_trips: int) -> dict[str, Any]:
         "restart_s": quantiles(restart_s),
         "shutdown_s": quantiles(shutdown_s),
     }
+
+
+async def scale(name: str, count: int, calls: int = 20) -> dict[str, Any]:
+    """``count`` kernels at once: start time, round trips under load, our own footprint."""
+    me = psutil.Process()
+    before = {
+        "threads": me.num_threads(),
+        "fds": me.num_fds(),
+        "rss_mb": me.memory_info().rss / 1e6,
+    }
+    t0 = time.perf_counter()
+    kernels = await asyncio.gather(*(started(name) for _ in range(count)))
+    total_start = time.perf_counter() - t0
+    rtt: list[float] = []
+
+    async def ping(kc: AsyncKernelClient) -> None:
+        for _ in range(calls):
+            rtt.append(await timed(lambda: kc.execute_interactive("pass", timeout=60)))
+
+    try:
+        await asyncio.gather(*(ping(kc) for _, kc, _ in kernels))
+        after = {
+            "threads": me.num_threads(),
+            "fds": me.num_fds(),
+            "rss_mb": me.memory_info().rss / 1e6,
+        }
+    finally:
+        for _, kc, _ in kernels:
+            kc.stop_channels()
+        await asyncio.gather(*(km.shutdown_kernel() for km, _, _ in kernels))
+    return {
+        "kernels": count,
+        "total_start_s": total_start,
+        "round_trip_ms": quantiles([t * 1000 for t in rtt]),
+        "before": before,
+        "after": after,
+        "rss_per_kernel_mb": (after["rss_mb"] - before["rss_mb"]) / count,
+    }
+
+
+def scale_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [
+        f"{'provisioner':<22}{'kernels':>8}{'start s':>9}{'rtt med':>9}{'rtt p95':>9}"
+        f"{'threads':>9}{'fds':>6}{'RSS MB':>8}{'MB/kernel':>11}"
+    ]
+    for label, runs in rows.items():
+        for r in runs:
+            lines.append(
+                f"{label:<22}{r['kernels']:>8}{r['total_start_s']:>9.2f}"
+                f"{r['round_trip_ms']['median']:>9.2f}{r['round_trip_ms']['p95']:>9.2f}"
+                f"{r['after']['threads']:>9}{r['after']['fds']:>6}{r['after']['rss_mb']:>8.0f}"
+                f"{r['rss_per_kernel_mb']:>11.2f}"
+            )
+    return "\n".join(lines)
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -153,7 +238,7 @@ async def main_async(args: argparse.Namespace) -> None:
         modulefiles = data / "modulefiles" / "nersc-bench"
         modulefiles.mkdir(parents=True)
         (modulefiles / "1.0.lua").write_text(MODULEFILE)
-        configs = {
+        configs: dict[str, tuple[str, dict[str, Any]]] = {
             "local-provisioner": ("local-provisioner", {}),
             "nersc-local (direct)": ("nersc-local", {}),
             "nersc-local (module)": (
@@ -161,13 +246,28 @@ async def main_async(args: argparse.Namespace) -> None:
                 {"module_use": [str(modulefiles.parent)], "modules": ["nersc-bench/1.0"]},
             ),
         }
+        remote = rig_config()
+        if remote is None:
+            print(f"no test rig ({RIG}): nersc-cori rows skipped", file=sys.stderr)
+        else:
+            configs["nersc-cori (rig sshd)"] = ("nersc-cori", remote)
         results: dict[str, dict[str, Any]] = {}
+        names = {}
         for index, (label, (provisioner, config)) in enumerate(configs.items()):
-            name = f"bench{index}"
+            names[label] = name = f"bench{index}"
             write_spec(data, name, provisioner, config)
             print(f"measuring {label} ...", file=sys.stderr)
             results[label] = await measure(name, args.starts, args.round_trips)
+        scaling: dict[str, list[dict[str, Any]]] = {}
+        for label in ("local-provisioner", "nersc-cori (rig sshd)"):
+            if label not in names:
+                continue
+            for count in args.scale:
+                print(f"scale: {count} x {label} ...", file=sys.stderr)
+                scaling.setdefault(label, []).append(await scale(names[label], count))
     print(table(results))
+    print()
+    print(scale_table(scaling))
     RESULTS.mkdir(exist_ok=True)
     out = {
         "machine": {
@@ -176,15 +276,22 @@ async def main_async(args: argparse.Namespace) -> None:
             "cpus": os.cpu_count(),
         },
         "results": results,
+        "scale": scaling,
     }
-    (RESULTS / "local.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'local.json'}", file=sys.stderr)
+    (RESULTS / "bench.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'bench.json'}", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=5, help="kernel starts per provisioner")
     parser.add_argument("--round-trips", type=int, default=200, help="execute('pass') samples")
+    parser.add_argument(
+        "--scale",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1, 10, 50],
+        help="kernel counts for the scale run, comma-separated (default 1,10,50)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 
