@@ -71,18 +71,36 @@ class SSHConnection:
         self._users = 0
         self._listeners: list[Callable[[str], None]] = []
         self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
+        self._monitoring = False
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Log in (once) and start the agent.  Raises the login's error."""
+    def open(self, timeout: float = 60.0) -> None:
+        """Log in (once) and start the agent.  Raises the login's error.
+
+        While the monitor is reconnecting, wait for it rather than log in twice.
+        """
         with self._lock:
-            if self.login is not None:
+            if self.fatal is not None:
+                raise self.fatal
+            if not self._monitoring:
+                self._login()
+                self._monitoring = True
+                threading.Thread(
+                    target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
+                ).start()
                 return
-            self._login()
-            threading.Thread(
-                target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
-            ).start()
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if self.fatal is not None:
+                raise self.fatal
+            if time.monotonic() > deadline:
+                raise SSHConnectError(
+                    f"still reconnecting to {self.target.label} after {timeout:.0f} s",
+                    hint="check the network and the host; the kernel is kept until "
+                    "reconnect_grace runs out",
+                )
+            time.sleep(0.1)
 
     def _login(self) -> None:
         login = connect(self.target)
