@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -23,21 +22,11 @@ from nersc_provisioner import (
     install_kernel_spec,
 )
 from nersc_provisioner.cli import main
+from tests.commands import run_cli
 from tests.rig import require_lmod
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = sorted(p for p in (REPO / "entry_points").iterdir() if p.is_dir())
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nersc_provisioner", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=60,
-        check=False,
-    )
 
 
 def test_jupyter_lists_our_provisioner() -> None:
@@ -52,18 +41,18 @@ def test_jupyter_lists_our_provisioner() -> None:
 
 
 def test_help_explains_itself() -> None:
-    result = cli("--help")
+    result = run_cli("--help")
     assert result.returncode == 0
     for word in ("install", "list", "show", "remove", "kernel-helper.sh", "examples:"):
         assert word in result.stdout
-    install_help = cli("install", "--help").stdout
+    install_help = run_cli("install", "--help").stdout
     flags = "--name --user --prefix --sys-prefix --env --module --purge --setup --container"
     for flag in [*flags.split(), "--provisioner", "--python", "--kernel-argv"]:
         assert flag in install_help
 
 
 def test_install_list_show_remove_round_trip(jupyter_dirs: Path) -> None:
-    result = cli(
+    result = run_cli(
         "install", "--user", "--name", "round-trip", "--setup", "export A=1",
         "--env", "MY_VAR", "my value", "--no-check", "--module", "python",
     )  # fmt: skip
@@ -77,29 +66,29 @@ def test_install_list_show_remove_round_trip(jupyter_dirs: Path) -> None:
         "config": {"modules": ["python"], "setup": ["export A=1"]},
     }
 
-    listed = json.loads(cli("list", "--json").stdout)
+    listed = json.loads(run_cli("list", "--json").stdout)
     assert listed["round-trip"]["config"] == {"modules": ["python"], "setup": ["export A=1"]}
-    assert "round-trip  (nersc-local)" in cli("list").stdout
+    assert "round-trip  (nersc-local)" in run_cli("list").stdout
 
-    shown = cli("show", "round-trip")
+    shown = run_cli("show", "round-trip")
     assert shown.returncode == 0, shown.stderr
     assert "module load python || npr_fail 91" in shown.stdout
     assert "eval 'export A=1'" in shown.stdout
     assert "MY_VAR=my value" in shown.stdout
     assert "-m ipykernel_launcher -f '{connection_file}'" in shown.stdout
 
-    removed = cli("remove", "round-trip")
+    removed = run_cli("remove", "round-trip")
     assert removed.returncode == 0, removed.stderr
     assert not folder.exists()
-    assert "round-trip" not in cli("list").stdout
-    gone = cli("show", "round-trip")
+    assert "round-trip" not in run_cli("list").stdout
+    gone = run_cli("show", "round-trip")
     assert gone.returncode == 1
     assert "no kernel spec named 'round-trip'" in gone.stderr
 
 
 def test_install_rejects_unknown_module(jupyter_dirs: Path) -> None:
     lmod = require_lmod()
-    result = cli(
+    result = run_cli(
         "install", "--user", "--name", "bad", "--module-use", str(lmod.modulepath),
         "--module", "nersc-test/1.0", "--module", "no-such-module",
     )  # fmt: skip
@@ -107,7 +96,7 @@ def test_install_rejects_unknown_module(jupyter_dirs: Path) -> None:
     assert "unknown module(s): no-such-module" in result.stderr
     assert "nersc-test" not in result.stderr.split("What to do")[0].replace("no-such", "")
     assert not (jupyter_dirs / "kernels" / "bad").exists()
-    ok = cli(
+    ok = run_cli(
         "install", "--user", "--name", "good", "--module-use", str(lmod.modulepath),
         "--module", "nersc-test/1.0",
     )  # fmt: skip

@@ -20,6 +20,7 @@ import pytest
 from nersc_provisioner import KernelCommandError, ModuleLoadError
 from nersc_provisioner.errors import UnknownHostKeyError
 from nersc_provisioner.transports.connection import ConnectionPool
+from tests.commands import run_cli
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
 from tests.rig import SSHRig, require_jump, require_lmod, require_ssh
@@ -408,27 +409,16 @@ async def test_proxyjump_with_two_hops(
         kc.stop_channels()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nersc_provisioner", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=120,
-        check=False,
-    )
-
-
 async def test_check_ps_and_kill_commands(
     remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
 ) -> None:
-    installed = cli(
+    installed = run_cli(
         "install", "--user", "--name", "rig-check", "--provisioner", "nersc-cori",
         "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
         "--known-hosts", str(rig.known_hosts), "--remote-python", rig.remote_python,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
-    checked = cli("check", "rig-check")
+    checked = run_cli("check", "rig-check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     steps = [line for line in checked.stdout.splitlines() if line.startswith("[")]
     assert len(steps) == 5, checked.stdout
@@ -442,14 +432,14 @@ async def test_check_ps_and_kill_commands(
         assert proc.stdout is not None
         words = proc.stdout.readline().split()
         pid, kernel_id = int(words[1]), words[2]
-        listed = cli("ps", "rig-check")
+        listed = run_cli("ps", "rig-check")
         assert kernel_id in listed.stdout
         assert "running" in listed.stdout
-        killed = cli("kill", "rig-check", kernel_id)
+        killed = run_cli("kill", "rig-check", kernel_id)
         assert killed.returncode == 0, killed.stderr
         assert f"ended {kernel_id}" in killed.stdout
         assert await wait_until(lambda: not running(pid), 10)
-        assert kernel_id not in cli("ps", "rig-check").stdout
+        assert kernel_id not in run_cli("ps", "rig-check").stdout
     finally:
         proc.kill()
         proc.communicate()
@@ -460,13 +450,13 @@ async def test_bad_check_names_the_failing_step(
 ) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    installed = cli(
+    installed = run_cli(
         "install", "--user", "--name", "rig-bad", "--provisioner", "nersc-cori",
         "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
         "--known-hosts", str(empty),
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
-    checked = cli("check", "rig-bad")
+    checked = run_cli("check", "rig-bad")
     assert checked.returncode == 1
     assert "[FAIL] connect and verify host key" in checked.stdout
     assert "ssh-keyscan" in checked.stdout

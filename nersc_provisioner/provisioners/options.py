@@ -7,8 +7,8 @@ Precedence, highest first:
 3. ``NERSC_PROVISIONER_*`` environment variables (:mod:`nersc_provisioner.settings`);
 4. the defaults declared here.
 
-traitlets gives 1 over 2 over the ``@default`` handlers; the ``@default``
-handlers give 3 over 4.
+traitlets gives 1 over 2; ``__init__`` then fills each key that neither set
+from the environment, so 3 beats 4.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from traitlets import Bool, Float, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Float, List, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
@@ -29,10 +29,6 @@ from ..settings import environment_defaults
 _FRAMEWORK_KWARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
 
-def _env_default(key: str, fallback: Any) -> Any:
-    return environment_defaults().get(key, fallback)
-
-
 class WrapperOptions(LoggingConfigurable):
     """The module, setup and container settings of the generated wrapper."""
 
@@ -41,8 +37,9 @@ class WrapperOptions(LoggingConfigurable):
     modules = List(Unicode(), help="Modules to `module load`, in order.").tag(config=True)
     purge = Bool(help="Run `module purge` before loading modules.").tag(config=True)
     module_init = Unicode(
+        "auto",
         help="How to make `module` exist: auto (detect Lmod, then Environment Modules), "
-        "lmod, environment-modules, none, or the path of an init script to source."
+        "lmod, environment-modules, none, or the path of an init script to source.",
     ).tag(config=True)
     module_use = List(
         Unicode(),
@@ -55,7 +52,7 @@ class WrapperOptions(LoggingConfigurable):
         "Each line runs on its own; a failing line fails the start.",
     ).tag(config=True)
     container = Unicode(help="Container image to run the kernel in ('' for none).").tag(config=True)
-    container_runtime = Unicode(help="shifter or podman-hpc.").tag(config=True)
+    container_runtime = Unicode("shifter", help="shifter or podman-hpc.").tag(config=True)
     container_args = List(Unicode(), help="Extra arguments for the container runtime.").tag(
         config=True
     )
@@ -63,48 +60,8 @@ class WrapperOptions(LoggingConfigurable):
         config=True
     )
     launch_timeout = Float(
-        help="Seconds allowed for the environment setup (modules, setup lines) to finish."
+        60.0, help="Seconds allowed for the environment setup (modules, setup lines) to finish."
     ).tag(config=True)
-
-    @default("modules")
-    def _default_modules(self) -> list[str]:
-        return list(_env_default("modules", []))
-
-    @default("purge")
-    def _default_purge(self) -> bool:
-        return bool(_env_default("purge", False))
-
-    @default("module_init")
-    def _default_module_init(self) -> str:
-        return str(_env_default("module_init", "auto"))
-
-    @default("module_use")
-    def _default_module_use(self) -> list[str]:
-        return list(_env_default("module_use", []))
-
-    @default("setup")
-    def _default_setup(self) -> list[str]:
-        return list(_env_default("setup", []))
-
-    @default("container")
-    def _default_container(self) -> str:
-        return str(_env_default("container", ""))
-
-    @default("container_runtime")
-    def _default_container_runtime(self) -> str:
-        return str(_env_default("container_runtime", "shifter"))
-
-    @default("container_args")
-    def _default_container_args(self) -> list[str]:
-        return list(_env_default("container_args", []))
-
-    @default("cwd")
-    def _default_cwd(self) -> str:
-        return str(_env_default("cwd", ""))
-
-    @default("launch_timeout")
-    def _default_launch_timeout(self) -> float:
-        return float(_env_default("launch_timeout", 60.0))
 
     @validate("module_init")
     def _check_module_init(self, proposal: dict[str, Any]) -> str:
@@ -136,9 +93,17 @@ class WrapperOptions(LoggingConfigurable):
         self.check_config_keys(kwargs)
         try:
             super().__init__(**kwargs)
-            # Resolve and validate every setting now (defaults from the
-            # environment included), so that a bad value from any layer fails
-            # here, with its key named, and not in the middle of a launch.
+            # The environment layer: a key that neither kernel.json nor a
+            # Jupyter config file set takes its NERSC_PROVISIONER_* value.
+            explicit = set(kwargs)
+            for cls in type(self).mro():
+                if cls.__name__ in self.config:
+                    explicit |= set(self.config[cls.__name__])
+            for key, value in environment_defaults().items():
+                if key in self.config_keys() and key not in explicit:
+                    setattr(self, key, value)
+            # Validate every setting now (defaults included), so that a bad value
+            # from any layer fails here, with its key named, not mid-launch.
             for key in self.config_keys():
                 setattr(self, key, getattr(self, key))
         except TraitError as exc:

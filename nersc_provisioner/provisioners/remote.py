@@ -28,7 +28,7 @@ from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
-from .options import WrapperOptions, _env_default
+from .options import WrapperOptions
 
 #: Blocking SSH work runs here, never on the Jupyter event loop.
 SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
@@ -66,7 +66,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         "('' : IdentityFile from ~/.ssh/config, else the system's default, ~/.ssh/nersc "
         "for NERSC systems)."
     ).tag(config=True)
-    ssh_config = Unicode(help="ssh config file to honour ('' to ignore).").tag(config=True)
+    ssh_config = Unicode(DEFAULT_SSH_CONFIG, help="ssh config file to honour ('' to ignore).").tag(
+        config=True
+    )
     known_hosts = List(Unicode(), help="known_hosts files (default ~/.ssh/known_hosts).").tag(
         config=True
     )
@@ -76,51 +78,15 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     ).tag(config=True)
     remote_cwd = Unicode(help="Directory the kernel starts in on the remote host.").tag(config=True)
     lease_timeout = Int(
-        help="Seconds without contact after which the remote watchdog ends the kernel."
+        1800, help="Seconds without contact after which the remote watchdog ends the kernel."
     ).tag(config=True)
     reconnect_grace = Float(
-        help="Seconds a kernel is still reported alive while its connection is down."
+        300.0, help="Seconds a kernel is still reported alive while its connection is down."
     ).tag(config=True)
 
     @default("host")
     def _default_host(self) -> str:
-        return str(_env_default("host", self.system.host))
-
-    @default("user")
-    def _default_user(self) -> str:
-        return str(_env_default("user", ""))
-
-    @default("port")
-    def _default_port(self) -> int:
-        return int(_env_default("port", 0))
-
-    @default("identity_file")
-    def _default_identity_file(self) -> str:
-        return str(_env_default("identity_file", ""))
-
-    @default("ssh_config")
-    def _default_ssh_config(self) -> str:
-        return str(_env_default("ssh_config", DEFAULT_SSH_CONFIG))
-
-    @default("known_hosts")
-    def _default_known_hosts(self) -> list[str]:
-        return list(_env_default("known_hosts", []))
-
-    @default("remote_python")
-    def _default_remote_python(self) -> str:
-        return str(_env_default("remote_python", ""))
-
-    @default("remote_cwd")
-    def _default_remote_cwd(self) -> str:
-        return str(_env_default("remote_cwd", ""))
-
-    @default("lease_timeout")
-    def _default_lease_timeout(self) -> int:
-        return int(_env_default("lease_timeout", 1800))
-
-    @default("reconnect_grace")
-    def _default_reconnect_grace(self) -> float:
-        return float(_env_default("reconnect_grace", 300.0))
+        return self.system.host
 
     @validate("host")
     def _check_host(self, proposal: dict[str, Any]) -> str:

@@ -147,15 +147,8 @@ class PortForwarder:
         self._update(pair)
 
     def _on_sock(self, pair: _Pair, events: int) -> None:
-        if events & selectors.EVENT_WRITE and pair.to_sock:
-            try:
-                sent = pair.sock.send(pair.to_sock)
-                del pair.to_sock[:sent]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._close(pair)
-                return
+        if events & selectors.EVENT_WRITE and not self._flush_to_sock(pair):
+            return
         if events & selectors.EVENT_READ and len(pair.to_chan) < BUFFER_LIMIT:
             try:
                 data = pair.sock.recv(CHUNK)
@@ -181,6 +174,10 @@ class PortForwarder:
                 pair.chan_eof = True
                 break
             pair.to_sock += data
+        self._flush_to_sock(pair)
+
+    def _flush_to_sock(self, pair: _Pair) -> bool:
+        """Send what the socket takes now; False if the pair had to be closed."""
         if pair.to_sock:
             try:
                 sent = pair.sock.send(pair.to_sock)
@@ -189,6 +186,8 @@ class PortForwarder:
                 pass
             except OSError:
                 self._close(pair)
+                return False
+        return True
 
     def _flush_to_chan(self, pair: _Pair) -> None:
         while pair.to_chan:
