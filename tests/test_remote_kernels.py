@@ -366,7 +366,7 @@ async def test_watchdog_ends_the_kernel_of_a_killed_manager(
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
         assert line[:1] == ["STARTED"], line
-        pid = int(line[1])
+        pid, kernel_id = int(line[1]), line[2]
         assert running(pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -374,7 +374,11 @@ async def test_watchdog_ends_the_kernel_of_a_killed_manager(
         assert await wait_until(lambda: not running(pid), 60, step=1)
         gone_after = time.monotonic() - started
         assert gone_after > 5, "the kernel died too early: the lease should have kept it"
-        assert await wait_until(lambda: not ours(remote_processes(rig)), 15)
+        # Its watchdog is gone too, and so is its directory.
+        assert await wait_until(
+            lambda: not [c for c in remote_processes(rig) if kernel_id in c], 15
+        )
+        assert not Path(f"/home/{rig.user}/.nersc_provisioner/kernels/{kernel_id}").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
