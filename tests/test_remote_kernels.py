@@ -47,11 +47,14 @@ def remote_config(rig: SSHRig) -> dict[str, Any]:
     }
 
 
-def remote_processes(rig: SSHRig) -> list[str]:
-    """Command lines of the rig user's processes (the netns shares our PID namespace)."""
+def remote_processes(rig: SSHRig, since: float = 0.0) -> list[str]:
+    """Command lines of the rig user's processes started after ``since`` (a time.time()).
+
+    The netns shares our PID namespace, so they are visible from here.
+    """
     found = []
-    for proc in psutil.process_iter(["username", "cmdline", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["create_time"] < since:
             continue
         if proc.info["username"] == rig.user and proc.info["cmdline"]:
             found.append(" ".join(proc.info["cmdline"]))
@@ -83,6 +86,7 @@ async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
 async def test_lifecycle_inside_the_namespace(
     start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
 ) -> None:
+    since = time.time() - 1
     km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
     ports = {name: getattr(km, name) for name in ("shell_port", "iopub_port", "hb_port")}
@@ -112,8 +116,8 @@ async def test_lifecycle_inside_the_namespace(
     finally:
         kc.stop_channels()
     await km.shutdown_kernel()
-    assert await wait_until(lambda: not ours(remote_processes(rig)), 10), ours(
-        remote_processes(rig)
+    assert await wait_until(lambda: not ours(remote_processes(rig, since)), 10), ours(
+        remote_processes(rig, since)
     )
     home = Path(f"/home/{rig.user}/.nersc_provisioner/kernels")
     assert not (home / str(km.kernel_id)).exists()
@@ -213,13 +217,14 @@ async def test_failing_module_is_named(
 ) -> None:
     lmod = require_lmod()
     config = {**remote_config, "module_use": [str(lmod.modulepath)], "modules": ["broken/1.0"]}
+    since = time.time() - 1
     with pytest.raises(ModuleLoadError) as info:
         await start_kernel(config, provisioner="nersc-cori")
     assert "broken/1.0: this modulefile fails on" in str(info.value)
     assert rig.host in str(info.value)
     # The failed start closed the connection; sshd ends the agent's session soon after.
-    assert await wait_until(lambda: not ours(remote_processes(rig)), 10), ours(
-        remote_processes(rig)
+    assert await wait_until(lambda: not ours(remote_processes(rig, since)), 10), ours(
+        remote_processes(rig, since)
     )
 
 
