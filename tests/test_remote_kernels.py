@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from nersc_provisioner import KernelCommandError, ModuleLoadError
+from nersc_provisioner import KernelCommandError, LaunchError, ModuleLoadError
 from nersc_provisioner.errors import UnknownHostKeyError
 from nersc_provisioner.transports.connection import ConnectionPool
 from tests.commands import run_cli
@@ -210,6 +210,21 @@ async def test_missing_remote_python_is_named(
         await start_kernel(config, provisioner="nersc-cori")
     assert time.monotonic() - started < 10
     assert "kernel command not found: /nonexistent/bin/python" in str(info.value)
+
+
+async def test_kernel_crashing_at_import_fails_fast_with_its_stderr(
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
+) -> None:
+    crash = "import sys; sys.stderr.write('ImportError: crash at import (test)\\n'); sys.exit(3)"
+    argv = [remote_config["remote_python"], "-c", crash, "{connection_file}"]
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        await start_kernel(remote_config, provisioner="nersc-cori", argv=argv)
+    assert time.monotonic() - started < 10
+    text = str(info.value)
+    assert "exited during startup" in text
+    assert "crash at import (test)" in text
+    assert "exit code 3" in text
 
 
 async def test_failing_module_is_named(

@@ -216,8 +216,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         report = LaunchReport()
 
         def feed(line: str) -> bool:
-            report.feed(line)
-            return report.done or report.died_code is not None
+            report.feed(line)  # after NPR_DIED the tail of the kernel's log follows: read it
+            return report.done
 
         started = time.monotonic()
         try:
