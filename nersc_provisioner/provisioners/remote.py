@@ -48,6 +48,8 @@ class RemoteKernel:
     node: str
     ports: dict[str, int]
     reported_gone: bool = False
+    reported_down: bool = False
+    seen_reconnects: int = 0
 
 
 class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -246,6 +248,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             start_time=report.start_time,
             node=report.node,
             ports=report.ports,
+            seen_reconnects=conn.reconnects,
         )
         await in_thread(conn.request, "watch", kernel_id)
         self.log.info(
@@ -285,9 +288,23 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if conn.fatal is not None:
             self.log.error("kernel %s is lost: %s", remote.kernel_id, conn.fatal)
             return 1
+        if conn.reconnects != remote.seen_reconnects:
+            remote.seen_reconnects = conn.reconnects
+            self.log.info(
+                "kernel %s: connection to %s re-established", remote.kernel_id, conn.target.label
+            )
         if not conn.connected:
             down_for = time.monotonic() - (conn.down_since or time.monotonic())
             if down_for < self.reconnect_grace:
+                if not remote.reported_down:
+                    remote.reported_down = True
+                    self.log.warning(
+                        "kernel %s: connection to %s lost; reconnecting (the kernel counts as "
+                        "alive for reconnect_grace = %.0f s)",
+                        remote.kernel_id,
+                        conn.target.label,
+                        self.reconnect_grace,
+                    )
                 return None
             self.log.error(
                 "kernel %s: no connection to %s for %.0f s (reconnect_grace %.0f s); "
@@ -304,6 +321,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             )
         except (SSHConnectError, TimeoutError):
             return None  # the connection is being re-established
+        remote.reported_down = False
         if answer == "alive":
             return None
         if not remote.reported_gone:
@@ -374,6 +392,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return
         self.remote = RemoteKernel(**remote)
         conn = await self._connection()
+        self.remote.seen_reconnects = conn.reconnects
         self._open_listeners(conn)
         connection: dict[str, Any] = dict(self.connection_info)
         if isinstance(connection.get("key"), str):

@@ -69,7 +69,6 @@ class SSHConnection:
         self._watched: set[str] = set()
         self._closing = False
         self._users = 0
-        self._listeners: list[Callable[[str], None]] = []
         self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
         self._monitoring = False
 
@@ -162,9 +161,8 @@ class SSHConnection:
                 transport.join()  # returns when the connection ends
             if self._closing:
                 return
-            self.down_since = self.down_since or time.monotonic()
+            down_since = self.down_since = self.down_since or time.monotonic()
             log.warning("SSH connection to %s lost; reconnecting", self.target.label)
-            self._notify("down")
             if login is not None:
                 with contextlib.suppress(Exception):
                     login.close()
@@ -179,7 +177,6 @@ class SSHConnection:
                 except _FATAL as exc:
                     self.fatal = exc
                     log.error("not reconnecting to %s: %s", self.target.label, exc)
-                    self._notify("failed")
                     return
                 except Exception as exc:
                     log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
@@ -188,18 +185,9 @@ class SSHConnection:
                 log.warning(
                     "reconnected to %s after %.1f s",
                     self.target.label,
-                    time.monotonic() - (self.down_since or time.monotonic()),
+                    time.monotonic() - down_since,
                 )
-                self._notify("up")
                 break
-
-    def add_listener(self, callback: Callable[[str], None]) -> None:
-        self._listeners.append(callback)
-
-    def _notify(self, event: str) -> None:
-        for callback in list(self._listeners):
-            with contextlib.suppress(Exception):
-                callback(event)
 
     def close(self) -> None:
         self._closing = True
