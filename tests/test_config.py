@@ -134,3 +134,27 @@ def test_environment_reads_only_what_is_set(
     assert environment_defaults() == {}
     monkeypatch.setenv("NERSC_PROVISIONER_MODULE_USE", "/a:/b")
     assert environment_defaults() == {"module_use": ["/a", "/b"]}
+
+
+def test_systems_are_data_with_their_defaults(jupyter_dirs: Path) -> None:
+    from nersc_provisioner.provisioners import NERSCCoriProvisioner, NERSCPerlmutterProvisioner
+
+    assert NERSCCoriProvisioner().host == "cori.nersc.gov"
+    assert NERSCPerlmutterProvisioner().host == "perlmutter.nersc.gov"
+    assert NERSCPerlmutterProvisioner(host="login-alias").host == "login-alias"
+    with pytest.raises(ConfigError, match="host"):
+        NERSCPerlmutterProvisioner(host="-oProxyCommand=touch /tmp/pwned")
+
+
+def test_remote_argv_keeps_python_for_the_remote_side(jupyter_dirs: Path) -> None:
+    """jupyter_client's swap of `python` for its own interpreter must not reach the host."""
+    import sys
+
+    from nersc_provisioner.provisioners import NERSCPerlmutterProvisioner
+
+    spec = KernelSpec(argv=[], display_name="t", language="python")
+    argv = NERSCPerlmutterProvisioner(kernel_spec=spec).kernel_argv()
+    assert argv == ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    assert sys.executable not in argv
+    with_python = NERSCPerlmutterProvisioner(kernel_spec=spec, remote_python="/opt/py/bin/python")
+    assert with_python.kernel_argv()[0] == "/opt/py/bin/python"
