@@ -1,0 +1,168 @@
+"""One Slurm allocation: ask for it, wait for it with progress, read its state, cancel it.
+
+Commands run through a *runner* (argv in; exit code, stdout, stderr out), so the
+same code works on the login node Jupyter runs on and over SSH.  Blocking:
+callers on an event loop run it in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import NERSCProvisionerError, tail
+from ..transports.local import run_command
+from .commands import (
+    SlurmOptions,
+    check_job_id,
+    holder_argv,
+    job_id_from_sbatch,
+    parse_scontrol,
+    scancel_argv,
+    scontrol_argv,
+    squeue_argv,
+)
+from .states import JobState
+
+log = logging.getLogger("nersc_provisioner.slurm")
+
+#: argv, timeout -> (exit code, stdout, stderr)
+Runner = Callable[[Sequence[str], float], tuple[int, str, str]]
+
+POLL_EVERY = 1.0
+PROGRESS_EVERY = 5.0
+
+
+class AllocationError(NERSCProvisionerError):
+    """Slurm refused the allocation, or it ended before the kernel could start."""
+
+
+class QueueTimeout(AllocationError):
+    """The job waited in the queue longer than allowed; it was cancelled."""
+
+
+def local_runner(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+    """Run a Slurm command on this machine."""
+    result = run_command(argv, timeout=timeout, check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: JobState
+    reason: str = ""
+    nodes: str = ""
+    elapsed: str = ""
+
+
+class SlurmAllocation:
+    """An allocation that holds nodes for kernels, which run in it as job steps."""
+
+    def __init__(
+        self,
+        options: SlurmOptions,
+        runner: Runner = local_runner,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
+        self.options = options
+        self.runner = runner
+        self.log = logger or log
+        self.job_id = check_job_id(options.job_id) if options.job_id else ""
+        #: True if we created the job (and so may cancel it).
+        self.owned = False
+
+    def _run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str, str]:
+        return self.runner(argv, timeout)
+
+    def submit(self) -> str:
+        """Ask for the allocation (or attach to ``job_id``); returns the job id."""
+        if self.job_id:
+            status = self.status()
+            if status.state.terminal:
+                raise AllocationError(
+                    f"Slurm job {self.job_id} is {status.state.value}, not usable",
+                    hint="start a new allocation (leave job_id empty) or give a running job",
+                )
+            return self.job_id
+        argv = holder_argv(self.options)
+        code, out, err = self._run(argv, 60.0)
+        if code != 0:
+            raise AllocationError(
+                f"Slurm refused the allocation (sbatch exit code {code}): {tail(err, 5)}",
+                hint="check qos, constraint, account, time and partition with `sbatch --test-only`",
+            )
+        self.job_id = job_id_from_sbatch(out)
+        self.owned = True
+        self.log.info("Slurm job %s submitted: %s", self.job_id, " ".join(argv[3:-2]))
+        return self.job_id
+
+    def status(self) -> JobStatus:
+        """The job's state.  A controller that does not answer gives UNKNOWN, never dead."""
+        code, out, err = self._run(squeue_argv(self.job_id))
+        if code == 0 and out.strip():
+            state, reason, nodes, elapsed = (out.strip().splitlines()[0].split("|") + [""] * 4)[:4]
+            return JobStatus(JobState.parse(state), reason, nodes, elapsed)
+        if code != 0 and "Invalid job id" not in err:
+            return JobStatus(JobState.UNKNOWN, tail(err, 1))
+        # Not in the queue any more: scontrol remembers it for MinJobAge seconds.
+        code, out, err = self._run(scontrol_argv(self.job_id))
+        if code == 0:
+            fields = parse_scontrol(out)
+            return JobStatus(JobState.parse(fields.get("JobState", "")), fields.get("Reason", ""))
+        if "Invalid job id" in err:
+            return JobStatus(JobState.GONE)
+        return JobStatus(JobState.UNKNOWN, tail(err, 1))
+
+    def wait_running(self, timeout: float, *, poll_every: float = POLL_EVERY) -> JobStatus:
+        """Wait until the job runs, logging progress; cancel it if ``timeout`` passes."""
+        started = time.monotonic()
+        last_report = 0.0
+        while True:
+            status = self.status()
+            waited = time.monotonic() - started
+            if status.state is JobState.RUNNING:
+                self.log.info(
+                    "Slurm job %s running on %s after %.1f s in the queue",
+                    self.job_id,
+                    status.nodes,
+                    waited,
+                )
+                return status
+            if status.state.terminal:
+                raise AllocationError(
+                    f"Slurm job {self.job_id} ended while waiting: {status.state.value}"
+                    + (f" ({status.reason})" if status.reason else ""),
+                    hint="see `scontrol show job` for why; check the requested resources",
+                )
+            if waited - last_report >= PROGRESS_EVERY or not last_report:
+                last_report = waited or 1e-9
+                self.log.info(
+                    "Slurm job %s: %s (reason: %s), waited %.0f s of %.0f s",
+                    self.job_id,
+                    status.state.value,
+                    status.reason or "none",
+                    waited,
+                    timeout,
+                )
+            if waited >= timeout:
+                self.cancel(force=True)
+                raise QueueTimeout(
+                    f"Slurm job {self.job_id} still {status.state.value} "
+                    f"(reason: {status.reason or 'none'}) after {waited:.0f} s; it was cancelled",
+                    hint="raise queue_timeout, or ask for a qos/partition that starts sooner "
+                    "(e.g. qos interactive)",
+                )
+            time.sleep(poll_every)
+
+    def cancel(self, *, force: bool = False) -> bool:
+        """Cancel the job if it is ours (or ``force``), unless it is to be kept."""
+        if not self.job_id or (not force and (not self.owned or self.options.keep)):
+            return False
+        code, _, err = self._run(scancel_argv(self.job_id))
+        if code != 0:
+            self.log.warning("scancel %s failed: %s", self.job_id, tail(err, 2))
+            return False
+        self.log.info("Slurm job %s cancelled", self.job_id)
+        return True
