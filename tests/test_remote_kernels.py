@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -484,3 +485,33 @@ async def test_bad_check_names_the_failing_step(
     assert checked.returncode == 1
     assert "[FAIL] connect and verify host key" in checked.stdout
     assert "ssh-keyscan" in checked.stdout
+
+
+async def test_restarted_sshd_is_survived(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    try:
+        await run_cell(kc, "kept = 41 + 1")
+        master = psutil.Process(int(rig.sshd_pidfile.read_text()))
+        children = master.children()
+        master.terminate()
+        master.wait(10)
+        for child in children:  # the sessions of our connection
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        await asyncio.sleep(2)  # the host is unreachable for a while
+        log = rig.sshd_pidfile.parent / "sshd.log"  # as scripts/test-rig starts it
+        subprocess.run(
+            ["ip", "netns", "exec", rig.netns, "/usr/sbin/sshd", "-f", str(rig.sshd_config),
+             "-E", str(log)],
+            check=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        result = await run_cell(kc, "print(kept)", timeout=30)
+        assert result.stdout.strip() == "42"
+        assert time.monotonic() - started < 15
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
