@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import SSHConnectError
-from .launchers.remote import PS_SCRIPT, check_token, kill_script
+from .launchers.remote import PS_SCRIPT, kill_script
 from .transports.ssh import SSHTarget, connect, exec_script
 
 
@@ -50,6 +50,5 @@ def list_remote_kernels(target: SSHTarget) -> list[RemoteKernelEntry]:
 
 def kill_remote_kernels(target: SSHTarget, kernel_ids: list[str]) -> list[str]:
     """End the given kernels (verified by PID and start time) and remove their directories."""
-    script = "\n".join(kill_script(check_token(k, "kernel id")) for k in kernel_ids)
-    lines = _run(target, script) if kernel_ids else []
-    return kernel_ids[: sum(1 for line in lines if line == "NPR_KILLED")]
+    lines = _run(target, kill_script(kernel_ids)) if kernel_ids else []
+    return [line.split()[1] for line in lines if line.startswith("NPR_KILLED ")]

@@ -368,7 +368,7 @@ ORPHAN = textwrap.dedent(
 async def test_watchdog_ends_the_kernel_of_a_killed_manager(
     start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
 ) -> None:
-    config = {**remote_config, "lease_timeout": 10}
+    config = {**remote_config, "lease_timeout": 15}
     folder = jupyter_dirs / "kernels" / "orphan"
     folder.mkdir(parents=True)
     spec = {
@@ -513,5 +513,25 @@ async def test_restarted_sshd_is_survived(
         assert result.stdout.strip() == "42"
         assert time.monotonic() - started < 15
         assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+
+
+async def test_lease_is_renewed_while_connected(
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
+) -> None:
+    """A connected kernel outlives its lease many times over, polled as the restarter does."""
+    km = await start_kernel({**remote_config, "lease_timeout": 15}, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    try:
+        await run_cell(kc, "kept = 'alive'")
+        pid = km.provisioner.remote.pid  # type: ignore[union-attr]
+        for _ in range(14):  # 42 s: almost three lease periods
+            assert await km.is_alive()
+            await asyncio.sleep(3)
+        assert running(pid)
+        assert km.provisioner.remote.pid == pid  # type: ignore[union-attr]
+        result = await run_cell(kc, "print(kept)")
+        assert result.stdout.strip() == "alive"
     finally:
         kc.stop_channels()

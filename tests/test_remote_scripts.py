@@ -84,8 +84,9 @@ def test_launch_script_starts_a_kernel_and_reports(tmp_path: Path) -> None:
         assert json.loads(connection.read_text())["key"] == KEY
         assert json.loads(connection.read_text())["ip"] == "127.0.0.1"
     finally:
-        lines = run_bash(kill_script("k-1"), tmp_path)
-    assert "NPR_KILLED" in lines
+        lines = run_bash(kill_script(["k-1", "not-there"]), tmp_path)
+    assert "NPR_KILLED k-1" in lines
+    assert "NPR_MISSING not-there" in lines
     assert not psutil.pid_exists(report.pid) or psutil.Process(report.pid).status() == "zombie"
     assert not (tmp_path / ".nersc_provisioner" / "kernels" / "k-1").exists()
 

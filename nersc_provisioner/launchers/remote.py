@@ -91,8 +91,10 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             f'printf "%s\\n" {quote(info)} > "$npr_dir/connection.json" || '
             '{ echo "NPR_FAIL cannot write $npr_dir/connection.json"; exit 1; }',
             ': > "$npr_dir/lease"',
-            f"npr_wrapper={quote(wrapper)}",
-            'setsid bash --noprofile --norc -c "$npr_wrapper" nersc-kernel 3 '
+            # The wrapper (it holds the kernel.json env) goes into a 0600 file, so
+            # it is on no command line that other users of the host can read.
+            f'printf "%s" {quote(wrapper)} > "$npr_dir/wrapper.sh"',
+            'setsid bash --noprofile --norc "$npr_dir/wrapper.sh" 3 '
             + " ".join(argv_words)
             + ' 3>&1 >"$npr_dir/kernel.log" 2>&1 </dev/null &',
             "npr_pid=$!",
@@ -158,11 +160,14 @@ unwatchdog() {  # end kernel $1's watchdog (its whole session), verified by its 
   return 0
 }
 echo "NPR 0 ready $(hostname)"
+renewed=$SECONDS
 while :; do
-  if ! IFS=' ' read -r -t "$every" cmd seq a b c d; then
-    [ $? -gt 128 ] || exit 0
-    renew; continue
-  fi
+  # Renew every $every seconds whether requests keep coming or not.
+  if [ $((SECONDS - renewed)) -ge "$every" ]; then renew; renewed=$SECONDS; fi
+  IFS=' ' read -r -t "$every" cmd seq a b c d
+  status=$?
+  if [ "$status" -gt 128 ]; then continue; fi  # timed out: renew at the top
+  if [ "$status" -ne 0 ]; then exit 0; fi  # our side went away
   case $cmd in
     watch) watched="$watched $a"; renew; echo "NPR $seq ok" ;;
     unwatch) watched=$(printf '%s\n' $watched | grep -vx -- "$a" | tr '\n' ' ')
@@ -213,11 +218,15 @@ def agent_command(renew_every: int) -> str:
     return join(["bash", "--noprofile", "--norc", "-c", AGENT, "npr-agent", str(int(renew_every))])
 
 
-def kill_script(kernel_id: str) -> str:
-    """End kernel ``kernel_id`` (found by PID and start time, or its command line), remove it."""
-    kid = check_token(kernel_id, "kernel id")
-    return FIND_KERNEL + "\n".join(
-        [
+def kill_script(kernel_ids: Sequence[str]) -> str:
+    """End these kernels (found by PID and start time, or by command line) and remove them.
+
+    Prints ``NPR_KILLED ID`` or ``NPR_MISSING ID`` for each.
+    """
+    lines = [FIND_KERNEL]
+    for kernel_id in kernel_ids:
+        kid = check_token(kernel_id, "kernel id")
+        lines += [
             f"d={REMOTE_BASE}/{kid}",
             'w=$(cat "$d/watchdog" 2>/dev/null) &&',
             "  tr '\\0' ' ' < \"/proc/$w/cmdline\" 2>/dev/null | "
@@ -226,10 +235,10 @@ def kill_script(kernel_id: str) -> str:
             'if [ "$1" != 0 ]; then',
             '  kill -TERM -- "-$1" 2>/dev/null; sleep 1; kill -KILL -- "-$1" 2>/dev/null',
             "fi",
-            'rm -rf -- "$d"; echo NPR_KILLED',
-            "",
+            f'if [ -d "$d" ]; then rm -rf -- "$d"; echo "NPR_KILLED {kid}"; '
+            f'else echo "NPR_MISSING {kid}"; fi',
         ]
-    )
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

@@ -100,13 +100,14 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     @validate("lease_timeout")
     def _check_lease(self, proposal: dict[str, Any]) -> int:
         value = int(proposal["value"])
-        if value < 10:
-            raise TraitError(f"lease_timeout must be at least 10 seconds, not {value}")
+        if value < 15:
+            raise TraitError(f"lease_timeout must be at least 15 seconds, not {value}")
         return value
 
     # --- state ------------------------------------------------------------------
 
     remote: RemoteKernel | None = None
+    _stopping = False
     _conn: SSHConnection | None = None
     _target: SSHTarget | None = None
     _listeners: dict[str, Any] | None = None
@@ -217,11 +218,15 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         )
         report = LaunchReport()
 
+        started = time.monotonic()
+        deadline = started + self.launch_timeout
+
         def feed(line: str) -> bool:
             report.feed(line)  # after NPR_DIED the tail of the kernel's log follows: read it
+            if not report.done and time.monotonic() > deadline:
+                raise TimeoutError
             return report.done
 
-        started = time.monotonic()
         try:
             await in_thread(
                 lambda: conn.run_script(
@@ -242,6 +247,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not report.done:
             await self._abandon(kernel_id)
             raise report.error(target.label, cmd)
+        self._stopping = False
         self.remote = RemoteKernel(
             kernel_id=kernel_id,
             pid=report.pid,
@@ -270,7 +276,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             from ..launchers.remote import kill_script
 
             try:
-                await in_thread(lambda: conn.run_script(kill_script(kernel_id), timeout=20))
+                await in_thread(lambda: conn.run_script(kill_script([kernel_id]), timeout=20))
             except Exception as exc:  # report, but keep the original error
                 self.log.warning("could not clean up kernel %s: %s", kernel_id, exc)
         self.remote = None
@@ -326,9 +332,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return None
         if not remote.reported_gone:
             remote.reported_gone = True
-            self.log.warning(
-                "kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node
-            )
+            # Expected during a shutdown or restart; news otherwise.
+            report = self.log.debug if self._stopping else self.log.warning
+            report("kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node)
         return 1
 
     async def wait(self) -> int | None:
@@ -343,11 +349,21 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if remote is None or conn is None:
             return
         name = signal.Signals(signum).name.removeprefix("SIG")
-        answer = await in_thread(
-            conn.request, "signal", name, str(remote.pid), remote.start_time, remote.kernel_id
-        )
+        if signum in (signal.SIGTERM, signal.SIGKILL):
+            self._stopping = True
+        try:
+            answer = await in_thread(
+                conn.request, "signal", name, str(remote.pid), remote.start_time, remote.kernel_id
+            )
+        except (SSHConnectError, TimeoutError) as exc:
+            # Shutdown and restart go on to cleanup; the watchdog ends a kernel we lost.
+            self.log.warning("could not send %s to kernel %s: %s", name, remote.kernel_id, exc)
+            return
         if answer != "ok":
             self.log.info("signal %s: kernel %s is already gone", name, remote.kernel_id)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        self._stopping = True
 
     async def terminate(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGTERM)

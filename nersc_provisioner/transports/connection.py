@@ -47,7 +47,7 @@ KEEPALIVE = 10
 # agent holds one; launches and other scripts share what is left, so that the
 # 11th kernel started at once waits for a session instead of being refused.
 EXEC_SESSIONS = 8
-RENEW_EVERY = 30
+RENEW_EVERY = 5  # the agent renews each lease this often (lease_timeout >= 15)
 BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 _FATAL = (AuthenticationError, CertificateExpiredError, ChangedHostKeyError, UnknownHostKeyError)
 
