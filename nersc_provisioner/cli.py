@@ -287,6 +287,12 @@ def _show(args: argparse.Namespace) -> int:
             print(f"#   {key}={value}")
     if plan.script is None:
         print("# no wrapper needed: the kernel runs directly")
+    elif plan.script not in plan.command:
+        print("# launch script, sent on the stdin of one SSH exec (the real key, kernel id")
+        print("# and ports are filled in at launch):")
+        print(plan.script, end="")
+        print(f"# run as: {plan.command[0]} {join(plan.command[1:])}")
+        return 0
     else:
         print("# wrapper script (bash), generated at launch:")
         print(plan.script, end="")

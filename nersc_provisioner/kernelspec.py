@@ -212,6 +212,8 @@ def launch_plan(name: str) -> LaunchPlan:
         formatted[0] = sys.executable  # what jupyter_client does before we see the argv
     setup = provisioner.environment_setup()
     argv = target_argv(spec_argv, formatted, setup.needed)
+    if installed.provisioner != "nersc-local":
+        argv = spec_argv  # resolved on the remote host
     plan: LaunchPlan = provisioner.launch_plan(argv)  # type: ignore[attr-defined]
     return plan
 

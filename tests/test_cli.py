@@ -162,3 +162,15 @@ def test_entry_point_is_what_install_writes(
     provisioner = factory.create_provisioner_instance("k", spec, parent=None)
     name = spec.metadata["kernel_provisioner"]["provisioner_name"]
     assert type(provisioner) is PROVISIONERS[name]
+
+
+def test_show_remote_spec_prints_the_launch_script_without_a_key(jupyter_dirs: Path) -> None:
+    folder = REPO / "entry_points" / "nersc-perlmutter-login"
+    command = shlex.split((folder / "install-command.txt").read_text())
+    assert main([*command[3:], "--user"]) == 0
+    shown = run_cli("show", "nersc-perlmutter-login")
+    assert shown.returncode == 0, shown.stderr
+    assert '"key": "<key>"' in shown.stdout
+    assert "module load python" in shown.stdout
+    assert 'wrapper.sh" 3 python -m ipykernel_launcher' in shown.stdout
+    assert "run as: ssh perlmutter.nersc.gov bash --noprofile --norc -s" in shown.stdout

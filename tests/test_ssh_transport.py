@@ -114,7 +114,7 @@ def test_changed_host_key_is_refused(rig: SSHRig, tmp_path: Path) -> None:
         connect(target_for(rig, known_hosts=(str(known),)))
     assert "CHANGED" in str(info.value)
     assert rig_host_fingerprint(rig) in str(info.value)
-    assert "ssh-keygen -R" in str(info.value)
+    assert f"ssh-keygen -f {known} -R" in str(info.value)
 
 
 def test_wrong_key_fails_once(rig: SSHRig, tmp_path: Path) -> None:
@@ -199,3 +199,12 @@ def test_proxy_command_is_used(rig: SSHRig, tmp_path: Path) -> None:
     finally:
         login.close()
     assert marker.exists()
+
+
+def test_no_key_at_all_is_named(
+    rig: SSHRig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(AuthenticationError, match="no key to offer") as info:
+        connect(target_for(rig, identity_files=(str(tmp_path / "missing"),)))
+    assert "sshproxy.sh" in str(info.value)

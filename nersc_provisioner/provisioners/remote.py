@@ -12,6 +12,7 @@ import asyncio
 import functools
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
-from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
+from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES, LaunchPlan
 from .options import WrapperOptions
 
 #: Blocking SSH work runs here, never on the Jupyter event loop.
@@ -142,6 +143,23 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if self.remote_cwd:
             setup = replace(setup, cwd=self.remote_cwd)
         return setup
+
+    def launch_plan(self, kernel_cmd: Sequence[str]) -> LaunchPlan:
+        """The launch script (with a placeholder key) and how it runs (for ``show``)."""
+        placeholder = {**dict.fromkeys(PORT_NAMES, 0), "ip": "127.0.0.1", "key": "<key>"}
+        script = build_launch_script(
+            RemoteLaunch(
+                kernel_id="KERNEL_ID",
+                argv=tuple(self.kernel_argv()),
+                connection=placeholder,
+                setup=self.remote_setup(),
+                lease_timeout=self.lease_timeout,
+            )
+        )
+        return LaunchPlan(
+            script=script,
+            command=[f"ssh {self.host}", "bash", "--noprofile", "--norc", "-s"],
+        )
 
     # --- launch -----------------------------------------------------------------
 

@@ -267,7 +267,8 @@ class _RejectUnknown(paramiko.MissingHostKeyPolicy):
             hint="compare that fingerprint with the one the site publishes (NERSC lists "
             "them in its docs); if it matches, add the key with `ssh-keyscan -p "
             f"{self.target.port} {self.target.hostname} >> {self.target.known_hosts[0]}` "
-            f"or log in once with `ssh {self.target.alias}` and answer yes",
+            f"or log in once with `ssh -o UserKnownHostsFile={self.target.known_hosts[0]} "
+            f"{self.target.alias}` and answer yes",
         )
 
 
@@ -389,7 +390,8 @@ def _login(
             f"{fingerprint(exc.expected_key)}, the host sent {exc.key.get_name()} "
             f"{fingerprint(exc.key)}. This can mean someone is intercepting the connection.",
             hint="confirm the new fingerprint with the site; if it is genuine, remove the "
-            f"old key with `ssh-keygen -R '{target.known_hosts_name}'` and trust the new one",
+            f"old key with `ssh-keygen -f {target.known_hosts[0]} -R '{target.known_hosts_name}'` "
+            "and trust the new one",
         ) from exc
     except paramiko.AuthenticationException as exc:
         client.close()
@@ -399,7 +401,21 @@ def _login(
             hint="check the user name and key; for NERSC run `sshproxy.sh -u $USER` for a new "
             "key. Not retried automatically: repeated failures can lock your account",
         ) from exc
-    except (paramiko.SSHException, OSError, EOFError) as exc:
+    except paramiko.SSHException as exc:
+        client.close()
+        if "No authentication methods available" in str(exc):
+            raise AuthenticationError(
+                f"no key to offer to {target.label}: none of "
+                f"{', '.join(target.identity_files) or 'the IdentityFile settings'} exists "
+                "and no ssh-agent holds a key",
+                hint="for NERSC run `sshproxy.sh -u $USER` (writes ~/.ssh/nersc), or set "
+                "identity_file / IdentityFile to your key",
+            ) from exc
+        raise SSHConnectError(
+            f"cannot connect to {target.label}: {exc}",
+            hint="check the host name, port and network (ProxyJump/ProxyCommand if needed)",
+        ) from exc
+    except (OSError, EOFError) as exc:
         client.close()
         raise SSHConnectError(
             f"cannot connect to {target.label}: {exc}",
