@@ -15,6 +15,7 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import paramiko
@@ -62,6 +63,7 @@ class PortForwarder:
         self._todo: list[Callable[[], None]] = []
         self._listeners: dict[socket.socket, ChannelOpener] = {}
         self._pairs: set[_Pair] = set()
+        self._openers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nersc-forward-open")
         self._thread = threading.Thread(target=self._run, name="nersc-forwarder", daemon=True)
         self._thread.start()
 
@@ -133,13 +135,23 @@ class PortForwarder:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         opener = self._listeners.get(listener)
+        if opener is None:
+            sock.close()
+            return
+        # Opening a channel waits for the server; a slow host must not stall the
+        # streams of every other kernel, so that wait happens on a worker thread.
+        self._openers.submit(self._open, sock, opener)
+
+    def _open(self, sock: socket.socket, opener: ChannelOpener) -> None:
         chan = None
-        if opener is not None:
-            with contextlib.suppress(Exception):
-                chan = opener()
+        with contextlib.suppress(Exception):
+            chan = opener()
         if chan is None:
             sock.close()  # the host is unreachable right now; ZeroMQ will reconnect
             return
+        self._call(lambda: self._add_pair(sock, chan))
+
+    def _add_pair(self, sock: socket.socket, chan: paramiko.Channel) -> None:
         sock.setblocking(False)
         chan.settimeout(0.0)
         pair = _Pair(sock=sock, chan=chan)
