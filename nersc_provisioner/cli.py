@@ -332,6 +332,9 @@ def _kill(args: argparse.Namespace) -> int:
     ids = list(args.kernel_ids)
     if args.all:
         ids = [e.kernel_id for e in list_remote_kernels(target)]
+        if not ids:
+            print(f"No kernels of ours on {target.label}.")
+            return 0
     if not ids:
         raise ConfigError("no kernel ids given", hint="name them (see `ps`) or use --all")
     for kernel_id in kill_remote_kernels(target, ids):

@@ -310,7 +310,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if remote is None or conn is None:
             return 0
         if conn.fatal is not None:
-            self.log.error("kernel %s is lost: %s", remote.kernel_id, conn.fatal)
+            if not remote.reported_gone:
+                remote.reported_gone = True
+                self.log.error("kernel %s is lost: %s", remote.kernel_id, conn.fatal)
             return 1
         if conn.reconnects != remote.seen_reconnects:
             remote.seen_reconnects = conn.reconnects

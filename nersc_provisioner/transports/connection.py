@@ -252,7 +252,16 @@ class SSHConnection:
             transport = self.transport()
             if transport is None:
                 raise SSHConnectError(f"not connected to {self.target.label}")
-            return exec_script(transport, script, timeout=timeout, on_line=on_line)
+            try:
+                return exec_script(transport, script, timeout=timeout, on_line=on_line)
+            except TimeoutError:
+                raise
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise SSHConnectError(
+                    f"the connection to {self.target.label} failed during a command: "
+                    f"{type(exc).__name__}: {exc}",
+                    hint="it is being re-established; try again in a moment",
+                ) from exc
 
     def watch(self, kernel_ids: Iterable[str]) -> None:
         for kernel_id in kernel_ids:
