@@ -170,7 +170,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         try:
             await in_thread(self._conn.open)
         except BaseException:
-            ConnectionPool.put(self._target, self._conn)  # type: ignore[arg-type]
+            # The last user closes the connection, which blocks: not on the event loop.
+            await in_thread(ConnectionPool.put, self._target, self._conn)
             self._conn = None
             raise
         return self._conn
@@ -404,7 +405,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not restart:
             self._close_listeners()
             if conn is not None and self._target is not None:
-                ConnectionPool.put(self._target, conn)
+                await in_thread(ConnectionPool.put, self._target, conn)
             self._conn = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
