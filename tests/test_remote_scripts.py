@@ -199,3 +199,19 @@ def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
         if kernel.poll() is None:
             kernel.kill()
             kernel.wait()
+
+
+def test_hostile_values_in_the_launch_script_are_carried_not_run(tmp_path: Path) -> None:
+    canary = tmp_path / "pwned"
+    value = f"$(touch {canary}) `touch {canary}`; touch {canary}\n'\" end"
+    setup = EnvironmentSetup.create(env={"NPR_HOSTILE": value}, setup=["true"])
+    report = launch(tmp_path, "k-h", setup)
+    try:
+        assert report.done, report.other
+        environ = Path(f"/proc/{report.pid}/environ").read_bytes().split(b"\0")
+        assert f"NPR_HOSTILE={value}".encode() in environ
+        cmdline = Path(f"/proc/{report.pid}/cmdline").read_bytes()
+        assert value.encode() not in cmdline
+        assert not canary.exists()
+    finally:
+        run_bash(kill_script(["k-h"]), tmp_path)
