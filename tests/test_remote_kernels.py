@@ -535,3 +535,26 @@ async def test_lease_is_renewed_while_connected(
         assert result.stdout.strip() == "alive"
     finally:
         kc.stop_channels()
+
+
+async def test_network_cut_for_five_seconds_is_survived(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    link = ["ip", "link", "set", "npr-host"]  # the root-namespace end of the rig's veth
+    try:
+        await run_cell(kc, "kept = 'across the cut'")
+        subprocess.run([*link, "down"], check=True)
+        cell = asyncio.ensure_future(run_cell(kc, "print(kept)", timeout=60))
+        await asyncio.sleep(5)
+        assert not cell.done()  # nothing got through while the link was down
+        subprocess.run([*link, "up"], check=True)
+        started = time.monotonic()
+        result = await asyncio.wait_for(cell, 30)
+        assert result.stdout.strip() == "across the cut"
+        assert time.monotonic() - started < 15
+        assert await km.is_alive()
+    finally:
+        subprocess.run([*link, "up"], check=False)
+        kc.stop_channels()
