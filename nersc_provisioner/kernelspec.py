@@ -20,7 +20,6 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from .errors import ConfigError, KernelSpecError, UnsafeValueError
 from .launchers.wrapper import build_module_probe, parse_module_probe
 from .provisioners import DEFAULT_KERNEL_ARGV, PROVISIONERS, LaunchPlan, WrapperOptions
-from .provisioners.local import PYTHON_NAMES, target_argv
 from .shell import check_env_name
 from .transports.local import run_command
 
@@ -205,17 +204,7 @@ def launch_plan(name: str) -> LaunchPlan:
     installed = get_kernel_spec(name)
     cls = provisioner_class(installed.provisioner)
     kernel_spec = KernelSpec(resource_dir=installed.resource_dir, **installed.spec)
-    provisioner = cls(kernel_spec=kernel_spec, **installed.config)
-    spec_argv = list(kernel_spec.argv) or list(DEFAULT_KERNEL_ARGV)
-    formatted = list(spec_argv)
-    if formatted[0] in PYTHON_NAMES:
-        formatted[0] = sys.executable  # what jupyter_client does before we see the argv
-    setup = provisioner.environment_setup()
-    argv = target_argv(spec_argv, formatted, setup.needed)
-    if installed.provisioner != "nersc-local":
-        argv = spec_argv  # resolved on the remote host
-    plan: LaunchPlan = provisioner.launch_plan(argv)  # type: ignore[attr-defined]
-    return plan
+    return cls(kernel_spec=kernel_spec, **installed.config).launch_plan()
 
 
 def missing_modules(

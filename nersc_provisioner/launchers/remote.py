@@ -59,7 +59,8 @@ class RemoteLaunch:
 
     kernel_id: str
     argv: tuple[str, ...]  # with {connection_file} still in it
-    connection: Mapping[str, object]  # key as str, ports 0, ip 127.0.0.1
+    # key as str, ports 0, ip 127.0.0.1; kept out of repr() so the key cannot reach a log
+    connection: Mapping[str, object] = field(repr=False)
     setup: EnvironmentSetup = field(default_factory=EnvironmentSetup)
     lease_timeout: int = 1800
     watchdog_interval: int = 10

@@ -1,7 +1,7 @@
 """Provisioners: the only code that knows jupyter_client."""
 
-from .local import DEFAULT_KERNEL_ARGV, LaunchPlan, NERSCLocalProvisioner
-from .options import WrapperOptions
+from .local import DEFAULT_KERNEL_ARGV, NERSCLocalProvisioner
+from .options import LaunchPlan, WrapperOptions
 from .remote import NERSCCoriProvisioner, NERSCPerlmutterProvisioner, NERSCRemoteProvisioner
 
 #: provisioner name (kernel.json ``provisioner_name``) -> class

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..launchers.wrapper import (
     wrap_command,
 )
 from ..transports.local import StatusPipe, reap_session, wait_for_exit
-from .options import WrapperOptions
+from .options import LaunchPlan, WrapperOptions
 
 #: The kernel argv used when kernel.json has none.
 DEFAULT_KERNEL_ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
@@ -36,14 +35,6 @@ PYTHON_NAMES = frozenset(
 
 # How long a wrapper that reported failure may take to exit before it is killed.
 _EXIT_GRACE = 5.0
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """What would run: the wrapper script (None if none is needed) and the full argv."""
-
-    script: str | None
-    command: list[str]
 
 
 def target_argv(spec_argv: Sequence[str], formatted: Sequence[str], wrapped: bool) -> list[str]:
@@ -81,9 +72,15 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             mounts.append(self.cwd)
         return tuple(mounts)
 
-    def launch_plan(self, kernel_cmd: Sequence[str]) -> LaunchPlan:
-        """The wrapper and command that would run ``kernel_cmd`` (for ``show``)."""
+    def launch_plan(self) -> LaunchPlan:
+        """The wrapper and command a start would run, without running it (for ``show``)."""
         setup = self.environment_setup(mounts=self._mounts())
+        spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        spec_argv = spec_argv or list(DEFAULT_KERNEL_ARGV)
+        formatted = list(spec_argv)
+        if formatted[0] in PYTHON_NAMES:
+            formatted[0] = sys.executable  # what jupyter_client does before we see the argv
+        kernel_cmd = target_argv(spec_argv, formatted, setup.needed)
         if not setup.needed:
             return LaunchPlan(script=None, command=list(kernel_cmd))
         return LaunchPlan(

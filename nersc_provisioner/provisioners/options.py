@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from traitlets import Bool, Float, List, TraitError, Unicode, validate
@@ -27,6 +28,14 @@ from ..settings import environment_defaults
 
 # Constructor arguments that jupyter_client itself passes; not config keys.
 _FRAMEWORK_KWARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a start would run: the script (None if none is needed) and the command."""
+
+    script: str | None
+    command: list[str]
 
 
 class WrapperOptions(LoggingConfigurable):
@@ -130,6 +139,10 @@ class WrapperOptions(LoggingConfigurable):
                 f"unknown key(s) in the {name} config: {', '.join(map(repr, unknown))}",
                 hint=f"valid keys are: {', '.join(cls.config_keys())}",
             )
+
+    def launch_plan(self) -> LaunchPlan:
+        """What a start would run, without running it (``show``); each provisioner says."""
+        raise NotImplementedError
 
     def environment_setup(
         self, *, env: Mapping[str, str] | None = None, mounts: tuple[str, ...] = ()

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import signal
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
@@ -22,14 +21,20 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 
 from ..errors import LaunchTimeout, SSHConnectError
-from ..launchers.remote import PORT_NAMES, LaunchReport, RemoteLaunch, build_launch_script
+from ..launchers.remote import (
+    PORT_NAMES,
+    LaunchReport,
+    RemoteLaunch,
+    build_launch_script,
+    kill_script,
+)
 from ..launchers.wrapper import EnvironmentSetup
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
-from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES, LaunchPlan
-from .options import WrapperOptions
+from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
+from .options import LaunchPlan, WrapperOptions
 
 #: Blocking SSH work runs here, never on the Jupyter event loop.
 SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
@@ -144,7 +149,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             setup = replace(setup, cwd=self.remote_cwd)
         return setup
 
-    def launch_plan(self, kernel_cmd: Sequence[str]) -> LaunchPlan:
+    def launch_plan(self) -> LaunchPlan:
         """The launch script (with a placeholder key) and how it runs (for ``show``)."""
         placeholder = {**dict.fromkeys(PORT_NAMES, 0), "ip": "127.0.0.1", "key": "<key>"}
         script = build_launch_script(
@@ -292,8 +297,6 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         """After a failed start: no remote directory, no tunnel, no connection left."""
         conn = self._conn
         if conn is not None and conn.connected:
-            from ..launchers.remote import kill_script
-
             try:
                 await in_thread(lambda: conn.run_script(kill_script([kernel_id]), timeout=20))
             except Exception as exc:  # report, but keep the original error
