@@ -13,7 +13,9 @@
 - ``jump``: a jump host, sshd at 10.203.1.2 in netns ``npr-jump``, and behind it an sshd at
   10.203.2.2 in netns ``npr-inner`` that only ``npr-jump`` can reach (for ProxyJump); same
   user, key, CA and known_hosts file as ``ssh``;
-- ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd) with partition ``debug``.
+- ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd) with partition ``debug``;
+  the node is this machine (root namespace, ``node_addr`` 10.203.0.1), and an sshd there
+  lets the rig user ssh into it from the login node, as NERSC allows inside one's own job.
 
 Tests call :func:`require_rig` (or :func:`require_lmod`, :func:`require_ssh`,
 :func:`require_jump`, :func:`require_slurm`): when the piece is missing or not alive the test
@@ -33,7 +35,7 @@ from typing import Any, NoReturn
 import pytest
 
 DEFAULT_RIG_DIR = Path("/var/tmp/nersc-provisioner-rig")
-PIECES = ("lmod", "ssh", "jump", "slurm")
+PIECES = ("lmod", "ssh", "jump", "slurm", "compute-node")
 UP_HINT = "start it with `scripts/test-rig up` (as root)"
 
 
@@ -85,9 +87,14 @@ class JumpRig:
 
 @dataclass(frozen=True)
 class SlurmRig:
+    """One node (this machine, root namespace), also reachable by ssh as a compute node."""
+
     conf: Path
     partition: str
     node: str
+    node_addr: str = ""
+    node_sshd_pidfile: Path | None = None
+    cpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,14 @@ def _jump(d: dict[str, Any], ssh: dict[str, Any]) -> JumpRig:
 
 
 def _slurm(d: dict[str, Any]) -> SlurmRig:
-    return SlurmRig(conf=Path(d["conf"]), partition=str(d["partition"]), node=str(d["node"]))
+    return SlurmRig(
+        conf=Path(d["conf"]),
+        partition=str(d["partition"]),
+        node=str(d["node"]),
+        node_addr=str(d.get("node_addr", "")),
+        node_sshd_pidfile=Path(d["node_sshd_pidfile"]) if d.get("node_sshd_pidfile") else None,
+        cpus=int(d.get("cpus", 0)),
+    )
 
 
 def _pid_running(pidfile: Path, comm: str) -> bool:
@@ -209,6 +223,16 @@ def _problem(rig: Rig, piece: str) -> str | None:
         if ping.returncode != 0 or "UP" not in ping.stdout:
             return f"slurmctld is not up: {(ping.stdout + ping.stderr).strip()}"
         return None
+    if piece == "compute-node":
+        problem = _problem(rig, "slurm") or _problem(rig, "ssh")
+        if problem is not None:
+            return problem
+        assert rig.slurm is not None
+        if rig.slurm.node_sshd_pidfile is None or not rig.slurm.node_addr:
+            return "rig.json has no slurm.node_sshd_pidfile/node_addr (an older rig)"
+        if not _pid_running(rig.slurm.node_sshd_pidfile, "sshd"):
+            return f"the compute node's sshd is not running ({rig.slurm.node_sshd_pidfile})"
+        return _answers(rig.slurm.node_addr, 22)
     raise ValueError(f"unknown rig piece {piece!r}; expected one of {PIECES}")
 
 
@@ -242,6 +266,11 @@ def require_ssh() -> SSHRig:
     ssh = require_rig("ssh").ssh
     assert ssh is not None
     return ssh
+
+
+def require_compute_node() -> Rig:
+    """Slurm, the login node's sshd and the compute node's sshd (ssh into one's own job)."""
+    return require_rig("compute-node")
 
 
 def require_jump() -> JumpRig:

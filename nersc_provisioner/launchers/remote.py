@@ -64,6 +64,8 @@ class RemoteLaunch:
     setup: EnvironmentSetup = field(default_factory=EnvironmentSetup)
     lease_timeout: int = 1800
     watchdog_interval: int = 10
+    #: In a Slurm job step: stay until the kernel exits, for the step ends with this script.
+    foreground: bool = False
 
 
 def build_launch_script(launch: RemoteLaunch) -> str:
@@ -120,6 +122,16 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             "done",
             "grep '_port\"' \"$npr_dir/connection.json\" | sed 's/^/NPR_PORT /'",
             "echo NPR_DONE",
+            *(
+                [
+                    # The step lasts as long as this script: wait for the kernel.
+                    'wait "$npr_pid"; npr_code=$?',
+                    'kill -- "-$npr_watchdog" 2>/dev/null',
+                    'exit "$npr_code"',
+                ]
+                if launch.foreground
+                else []
+            ),
             "",
         ]
     )
@@ -254,6 +266,7 @@ class LaunchReport:
     done: bool = False
     died_code: int | None = None
     failure: str = ""
+    step_exit: int | None = None  # srun ended before the kernel was up (Slurm mode)
     other: list[str] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
@@ -272,6 +285,8 @@ class LaunchReport:
             self.done = True
         elif words[:1] == ["NPR_DIED"]:
             self.died_code = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        elif words[:1] == ["NPR_STEP_EXIT"]:
+            self.step_exit = int(words[1]) if len(words) > 1 and words[1].isdigit() else -1
         elif words[:1] == ["NPR_FAIL"]:
             self.failure = line[len("NPR_FAIL ") :]
         else:
@@ -286,6 +301,16 @@ class LaunchReport:
                 hint="check that your home directory on the remote host is writable "
                 "and not over quota",
                 command=command,
+                stderr=stderr,
+            )
+        if self.step_exit is not None and self.pid == 0:
+            return LaunchError(
+                f"Slurm could not start the kernel's job step on {host} "
+                f"(srun exit code {self.step_exit})",
+                hint="see srun's message below; the job may have ended (`squeue --me`), "
+                "or srun may need options that the allocation lacks",
+                command=command,
+                exit_code=self.step_exit,
                 stderr=stderr,
             )
         if not self.ready:

@@ -18,13 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from traitlets import Bool, Float, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, List, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
 from ..launchers.container import RUNTIMES, ContainerSpec
 from ..launchers.wrapper import MODULE_INIT_CHOICES, EnvironmentSetup, build_script
 from ..settings import environment_defaults
+from ..slurm.commands import SLURM_KEYS, SlurmOptions
 
 # Constructor arguments that jupyter_client itself passes; not config keys.
 _FRAMEWORK_KWARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
@@ -71,6 +72,37 @@ class WrapperOptions(LoggingConfigurable):
     launch_timeout = Float(
         60.0, help="Seconds allowed for the environment setup (modules, setup lines) to finish."
     ).tag(config=True)
+
+    slurm = Dict(
+        help="Run the kernel as a step of a Slurm job on a compute node. Keys: "
+        + ", ".join(SLURM_KEYS)
+        + ". Empty: no Slurm. See docs/compute-nodes.md."
+    ).tag(config=True)
+    queue_timeout = Float(
+        900.0,
+        help="Seconds the Slurm job may wait in the queue before it is cancelled "
+        "(separate from launch_timeout).",
+    ).tag(config=True)
+
+    @validate("slurm")
+    def _check_slurm(self, proposal: dict[str, Any]) -> dict[str, Any]:
+        value = proposal["value"]
+        try:
+            SlurmOptions.from_config(value)
+        except ConfigError as exc:
+            raise TraitError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
+        return dict(value)
+
+    @validate("queue_timeout")
+    def _check_queue_timeout(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if value <= 0:
+            raise TraitError(f"queue_timeout must be a positive number of seconds, not {value}")
+        return value
+
+    def slurm_options(self) -> SlurmOptions:
+        """The ``slurm`` section, checked (empty: no Slurm)."""
+        return SlurmOptions.from_config(self.slurm)
 
     @validate("module_init")
     def _check_module_init(self, proposal: dict[str, Any]) -> str:

@@ -4,6 +4,11 @@ One SSH connection per host carries everything: one ``exec`` per launch
 (the launch script on stdin), the agent on a PTY session (liveness, signals,
 leases), and a ``direct-tcpip`` channel per ZeroMQ connection.  The local
 ports stay the same across reconnects and restarts.
+
+With a ``slurm`` section the kernel runs as a step of a Slurm job instead:
+the login connection submits and watches the job; a second connection, to
+the job's node and carried inside the login connection, starts the step and
+then does everything the login connection does for a login-node kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 
-from ..errors import LaunchTimeout, SSHConnectError
+from ..errors import LaunchTimeout, NERSCProvisionerError, SSHConnectError
 from ..launchers.remote import (
     PORT_NAMES,
     LaunchReport,
@@ -28,13 +33,19 @@ from ..launchers.remote import (
     build_launch_script,
     kill_script,
 )
+from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
+from ..slurm.allocation import AllocationError, JobStatus, SlurmAllocation, script_runner
+from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
 from .options import LaunchPlan, WrapperOptions
+
+#: Where compute nodes' host keys are, besides the user's known_hosts.
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 #: Blocking SSH work runs here, never on the Jupyter event loop.
 SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
@@ -56,6 +67,16 @@ class RemoteKernel:
     reported_gone: bool = False
     reported_down: bool = False
     seen_reconnects: int = 0
+
+
+@dataclass
+class SlurmJob:
+    """The allocation a kernel runs in, for reattaching (``get_provisioner_info``)."""
+
+    job_id: str
+    owned: bool
+    node: str
+    node_addr: str
 
 
 class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -114,9 +135,19 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     remote: RemoteKernel | None = None
     _stopping = False
+    #: The connection to where the kernel runs: the login node, or the job's node.
     _conn: SSHConnection | None = None
     _target: SSHTarget | None = None
+    #: The connection to the login node (the same as ``_conn`` without Slurm).
+    _login: SSHConnection | None = None
+    _login_target: SSHTarget | None = None
     _listeners: dict[str, Any] | None = None
+    # Slurm mode
+    _allocation: SlurmAllocation | None = None
+    _job: SlurmJob | None = None
+    _pending = False  # the job is waiting in the queue
+    _replaced_after: str = ""  # "JOB (STATE)" of the job whose end led to a new allocation
+    _job_end: JobStatus | None = None
 
     def target(self) -> SSHTarget:
         """The SSH target these settings resolve to (reads ~/.ssh/config)."""
@@ -132,7 +163,13 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     @property
     def has_process(self) -> bool:
-        return self.remote is not None
+        # A job waiting in the queue counts, so that an interrupt or a shutdown
+        # reaches us (and cancels it) instead of waiting for the start to finish.
+        return self.remote is not None or self._pending
+
+    @property
+    def in_slurm(self) -> bool:
+        return bool(self.slurm)
 
     def kernel_argv(self) -> list[str]:
         """The kernel argv for the remote side: jupyter_client's python swap not applied."""
@@ -159,8 +196,32 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 connection=placeholder,
                 setup=self.remote_setup(),
                 lease_timeout=self.lease_timeout,
+                foreground=self.in_slurm,
             )
         )
+        if self.in_slurm:
+            options = self.slurm_options()
+            job = options.job_id or "JOB"
+            script = build_step_script(
+                script, job_id=job if job != "JOB" else "0", node="NODE", kernel_id="KERNEL_ID"
+            ).replace("--jobid=0", "--jobid=JOB")
+            submit = (
+                ["(attach to", options.job_id + ")"]
+                if options.job_id
+                else ["sbatch", *options.flags(), "--wrap", "'exec sleep infinity'", ";"]
+            )
+            return LaunchPlan(
+                script=script,
+                command=[
+                    f"ssh {self.host}",
+                    *submit,
+                    "ssh NODE",
+                    "bash",
+                    "--noprofile",
+                    "--norc",
+                    "-s",
+                ],
+            )
         return LaunchPlan(
             script=script,
             command=[f"ssh {self.host}", "bash", "--noprofile", "--norc", "-s"],
@@ -168,20 +229,180 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     # --- launch -----------------------------------------------------------------
 
-    async def _connection(self) -> SSHConnection:
-        if self._conn is None:
-            self._target = await in_thread(self.target)
-            self._conn = ConnectionPool.get(self._target)
+    async def _login_connection(self) -> SSHConnection:
+        if self._login is None:
+            self._login_target = await in_thread(self.target)
+            self._login = ConnectionPool.get(self._login_target)
+        conn = self._login
         try:
-            await in_thread(self._conn.open)
+            await in_thread(conn.open)
         except BaseException:
-            # The last user closes the connection, which blocks: not on the event loop.
-            await in_thread(ConnectionPool.put, self._target, self._conn)
-            self._conn = None
+            await self._release_connections()
             raise
-        return self._conn
+        return conn
 
-    def _open_listeners(self, conn: SSHConnection) -> None:
+    async def _connection(self) -> SSHConnection:
+        """The connection to where the kernel runs (in Slurm mode, after the allocation)."""
+        login = await self._login_connection()
+        if not self.in_slurm:
+            self._conn, self._target = login, self._login_target
+            return login
+        job = await self._ensure_allocation(login)
+        target = self._node_target(job.node_addr)
+        if self._conn is not None and self._target != target:
+            await self._release_node_connection()
+        if self._conn is None:
+            self._conn, self._target = ConnectionPool.get(target, via=login), target
+        conn = self._conn
+        try:
+            await in_thread(conn.open)
+        except BaseException:
+            await self._release_node_connection()
+            raise
+        return conn
+
+    def _node_target(self, address: str) -> SSHTarget:
+        """A job's node, as the login node's user and keys reach it (from the login node)."""
+        login = self._login_target
+        if login is None:
+            raise SSHConnectError("the login node connection is not open")
+        known = tuple(dict.fromkeys((*login.known_hosts, SYSTEM_KNOWN_HOSTS)))
+        return SSHTarget(
+            alias=address,
+            hostname=address,
+            port=22,
+            user=login.user,
+            identity_files=login.identity_files,
+            known_hosts=known,
+        )
+
+    async def _release_node_connection(self) -> None:
+        conn, target = self._conn, self._target
+        self._conn = self._target = None
+        if conn is not None and target is not None and conn is not self._login:
+            await in_thread(ConnectionPool.put, target, conn)
+
+    async def _release_connections(self) -> None:
+        """Give back both connections; the last user closes one (blocking: in a thread)."""
+        await self._release_node_connection()
+        login, target = self._login, self._login_target
+        self._login = None
+        if login is not None and target is not None:
+            await in_thread(ConnectionPool.put, target, login)
+
+    # --- Slurm ------------------------------------------------------------------
+
+    async def _ensure_allocation(self, login: SSHConnection) -> SlurmJob:
+        """A running allocation for the kernel: the one we hold, or a new one (with a wait)."""
+        options = self.slurm_options()
+        alloc, job = self._allocation, self._job
+        if alloc is not None and job is not None:
+            status: JobStatus = await in_thread(alloc.status)
+            if not status.state.terminal:
+                return job  # a restart: a new step in the same job, no queue wait
+            ended = f"{alloc.job_id} ({status.state.value})"
+            self._allocation = self._job = None
+            if options.job_id:
+                raise AllocationError(
+                    f"your Slurm job {ended} has ended; the kernel cannot run in it again",
+                    hint="get a new allocation and put its id in job_id, or remove job_id to "
+                    "let the kernel ask for one",
+                )
+            if self._replaced_after:
+                raise AllocationError(
+                    f"Slurm job {ended} has ended, and a new allocation was already requested "
+                    f"once for this kernel (after job {self._replaced_after} ended); none is "
+                    "requested again",
+                    hint="shut the kernel down and start it anew when you want another "
+                    "allocation; check `time` in the slurm settings",
+                )
+            self._replaced_after = ended
+            self.log.warning(
+                "%s: Slurm job %s has ended; asking once for a new allocation",
+                self.provisioner_name,
+                ended,
+            )
+
+        def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
+            return login.run_script(script, timeout=timeout)
+
+        alloc = SlurmAllocation(options, runner=script_runner(run), logger=self.log)
+        self._allocation = alloc
+        self._pending = True
+        started = time.monotonic()
+        try:
+            await in_thread(alloc.submit)
+            status = await in_thread(alloc.wait_running, self.queue_timeout)
+            node, address = await in_thread(alloc.first_node, status.nodes)
+        except asyncio.CancelledError:
+            alloc.request_stop("the start was cancelled")  # the waiting thread cancels the job
+            self._allocation = None
+            raise
+        except BaseException:
+            self._allocation = None
+            if alloc.owned:
+                await in_thread(lambda: alloc.cancel(force=True))
+            raise
+        finally:
+            self._pending = False
+        self._job = SlurmJob(alloc.job_id, alloc.owned, node, address)
+        self.log.info(
+            "%s: Slurm job %s ready on %s (%s) after %.1f s",
+            self.provisioner_name,
+            alloc.job_id,
+            node,
+            address,
+            time.monotonic() - started,
+        )
+        return self._job
+
+    async def _job_status(self) -> JobStatus | None:
+        alloc = self._allocation
+        if alloc is None:
+            return None
+        try:
+            status: JobStatus = await in_thread(alloc.status)
+        except NERSCProvisionerError:
+            return JobStatus(JobState.UNKNOWN, "the login node does not answer")
+        return status
+
+    async def _report_job_end(self, kernel_id: str) -> bool:
+        """If the kernel's job has ended, say so (once) and return True."""
+        status = await self._job_status()
+        if status is None or not status.state.terminal:
+            return False
+        if self._job_end is None:
+            self._job_end = status
+            alloc = self._allocation
+            self.log.error(
+                "kernel %s: Slurm job %s has ended: %s%s",
+                kernel_id,
+                alloc.job_id if alloc else "?",
+                status.state.value,
+                f" ({status.reason})" if status.reason and status.reason != "None" else "",
+            )
+        return True
+
+    async def _end_allocation(self) -> None:
+        """At shutdown: cancel the job unless it is the user's own or is to be kept."""
+        alloc = self._allocation
+        self._allocation = self._job = None
+        if alloc is None:
+            return
+        if self._pending:
+            alloc.request_stop("the kernel was shut down")
+            return
+        if await in_thread(alloc.cancel):
+            return
+        if alloc.job_id:
+            self.log.info(
+                "%s: Slurm job %s left running (%s)",
+                self.provisioner_name,
+                alloc.job_id,
+                "keep is set" if alloc.owned else "it is your own allocation (job_id)",
+            )
+
+    def _open_listeners(self) -> None:
         forwarder = PortForwarder.instance()
         listeners = {}
         for name in PORT_NAMES:
@@ -203,9 +424,10 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
-        conn = await self._connection()
+        # The local ports exist before any wait (a Slurm queue), so that the kernel
+        # manager can address the kernel while it is pending.
         if self._listeners is None:
-            self._open_listeners(conn)
+            self._open_listeners()
         listeners = self._listeners or {}
         if km is not None:
             km.transport = "tcp"
@@ -214,6 +436,14 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 setattr(km, name, listener.getsockname()[1])
             km.write_connection_file()
             self.connection_info = km.get_connection_info()
+        self._job_end = None
+        try:
+            await self._connection()
+        except BaseException:
+            self._close_listeners()
+            await self._end_allocation()
+            await self._release_connections()
+            raise
         kwargs.pop("env", None)  # the local environment is not sent to the remote host
         kwargs.pop("extra_arguments", None)
         kwargs["cmd"] = self.kernel_argv()
@@ -239,7 +469,15 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             connection=connection,
             setup=self.remote_setup(),
             lease_timeout=self.lease_timeout,
+            foreground=self.in_slurm,
         )
+        script = build_launch_script(launch)
+        where = target.label
+        if self.in_slurm and self._job is not None:
+            script = build_step_script(
+                script, job_id=self._job.job_id, node=self._job.node, kernel_id=kernel_id
+            )
+            where = f"{self._job.node} (Slurm job {self._job.job_id})"
         report = LaunchReport()
 
         started = time.monotonic()
@@ -253,14 +491,12 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
         try:
             await in_thread(
-                lambda: conn.run_script(
-                    build_launch_script(launch), timeout=self.launch_timeout, on_line=feed
-                )
+                lambda: conn.run_script(script, timeout=self.launch_timeout, on_line=feed)
             )
         except TimeoutError:
             await self._abandon(kernel_id)
             raise LaunchTimeout(
-                f"the kernel on {target.label} did not start within {self.launch_timeout:g} s",
+                f"the kernel on {where} did not start within {self.launch_timeout:g} s",
                 hint="raise launch_timeout, or run `python -m nersc_provisioner check NAME`",
                 command=cmd,
                 stderr="\n".join(report.other),
@@ -270,7 +506,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             raise
         if not report.done:
             await self._abandon(kernel_id)
-            raise report.error(target.label, cmd)
+            raise report.error(where, cmd)
         self._stopping = False
         self.remote = RemoteKernel(
             kernel_id=kernel_id,
@@ -285,7 +521,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             "%s: kernel %s started on %s (pid %d) in %.2f s",
             self.provisioner_name,
             kernel_id,
-            report.node or target.label,
+            where if self.in_slurm else (report.node or target.label),
             report.pid,
             time.monotonic() - started,
         )
@@ -311,6 +547,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def poll(self) -> int | None:
         remote, conn = self.remote, self._conn
+        if self._pending and remote is None:
+            alloc = self._allocation
+            return 1 if alloc is not None and alloc.stop.is_set() else None
         if remote is None or conn is None:
             return 0
         if conn.fatal is not None:
@@ -324,6 +563,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 "kernel %s: connection to %s re-established", remote.kernel_id, conn.target.label
             )
         if not conn.connected:
+            if self.in_slurm and await self._report_job_end(remote.kernel_id):
+                return 1  # the node went with the job: no reconnect to wait for
             down_for = time.monotonic() - (conn.down_since or time.monotonic())
             if down_for < self.reconnect_grace:
                 if not remote.reported_down:
@@ -356,6 +597,12 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return None
         if not remote.reported_gone:
             remote.reported_gone = True
+            if (
+                self.in_slurm
+                and not self._stopping
+                and await self._report_job_end(remote.kernel_id)
+            ):
+                return 1
             # Expected during a shutdown or restart; news otherwise.
             report = self.log.debug if self._stopping else self.log.warning
             report("kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node)
@@ -370,9 +617,20 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def send_signal(self, signum: int) -> None:
         remote, conn = self.remote, self._conn
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        alloc = self._allocation
+        if remote is None and self._pending and alloc is not None:
+            what = "interrupted" if signum == signal.SIGINT else "stopped"
+            self.log.info(
+                "%s: the kernel was %s while Slurm job %s waited in the queue; cancelling it",
+                self.provisioner_name,
+                what,
+                alloc.job_id or "(not yet submitted)",
+            )
+            alloc.request_stop(f"the kernel was {what} (SIG{name})")
+            return
         if remote is None or conn is None:
             return
-        name = signal.Signals(signum).name.removeprefix("SIG")
         if signum in (signal.SIGTERM, signal.SIGKILL):
             self._stopping = True
         try:
@@ -388,6 +646,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         self._stopping = True
+        alloc = self._allocation
+        if self._pending and alloc is not None and not restart:
+            alloc.request_stop("the kernel was shut down")
 
     async def terminate(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGTERM)
@@ -407,9 +668,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         self.remote = None
         if not restart:
             self._close_listeners()
-            if conn is not None and self._target is not None:
-                await in_thread(ConnectionPool.put, self._target, conn)
-            self._conn = None
+            if self.in_slurm:
+                await self._end_allocation()
+            await self._release_connections()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 10.0)
@@ -423,6 +684,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             connection["key"] = connection["key"].decode()
         info["connection_info"] = connection
         info["remote"] = asdict(self.remote) if self.remote is not None else None
+        info["slurm_job"] = asdict(self._job) if self._job is not None else None
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -431,9 +693,20 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not remote:
             return
         self.remote = RemoteKernel(**remote)
+        slurm_job = provisioner_info.get("slurm_job")
+        if slurm_job:
+            self._job = SlurmJob(**slurm_job)
+            login = await self._login_connection()
+
+            def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
+                return login.run_script(script, timeout=timeout)
+
+            options = replace(self.slurm_options(), job_id=self._job.job_id)
+            self._allocation = SlurmAllocation(options, runner=script_runner(run), logger=self.log)
+            self._allocation.owned = self._job.owned
         conn = await self._connection()
         self.remote.seen_reconnects = conn.reconnects
-        self._open_listeners(conn)
+        self._open_listeners()
         connection: dict[str, Any] = dict(self.connection_info)
         if isinstance(connection.get("key"), str):
             connection["key"] = connection["key"].encode()

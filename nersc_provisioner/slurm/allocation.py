@@ -8,20 +8,24 @@ callers on an event loop run it in a thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import NERSCProvisionerError, tail
+from ..shell import join
 from ..transports.local import run_command
 from .commands import (
     SlurmOptions,
     check_job_id,
     holder_argv,
+    hostnames_argv,
     job_id_from_sbatch,
     parse_scontrol,
     scancel_argv,
     scontrol_argv,
+    show_node_argv,
     squeue_argv,
 )
 from .states import JobState
@@ -49,6 +53,32 @@ def local_runner(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
+#: (script, timeout) -> (exit code, output lines): how a host runs a bash script.
+ScriptRunner = Callable[[str, float], tuple[int | None, list[str]]]
+
+_ERR = "NPR_ERR "
+
+
+def script_runner(run_script: ScriptRunner) -> Runner:
+    """A :data:`Runner` for a host reached by scripts (an SSH connection).
+
+    The command's stderr comes back marked, so that stdout and stderr stay apart.
+    """
+
+    def run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+        script = (
+            f"{{ npr_err=$({join(argv)} 2>&1 1>&3 3>&-); }} 3>&1; npr_code=$?\n"
+            f'[ -n "$npr_err" ] && printf "%s\\n" "$npr_err" | sed "s/^/{_ERR}/"\n'
+            'exit "$npr_code"\n'
+        )
+        code, lines = run_script(script, timeout)
+        out = [line for line in lines if not line.startswith(_ERR)]
+        err = [line[len(_ERR) :] for line in lines if line.startswith(_ERR)]
+        return (255 if code is None else code), "\n".join(out), "\n".join(err)
+
+    return run
+
+
 @dataclass(frozen=True)
 class JobStatus:
     state: JobState
@@ -72,6 +102,9 @@ class SlurmAllocation:
         self.job_id = check_job_id(options.job_id) if options.job_id else ""
         #: True if we created the job (and so may cancel it).
         self.owned = False
+        #: Set (from any thread) to stop a wait in the queue; the job is then cancelled.
+        self.stop = threading.Event()
+        self.stop_reason = ""
 
     def _run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str, str]:
         return self.runner(argv, timeout)
@@ -120,6 +153,13 @@ class SlurmAllocation:
         started = time.monotonic()
         last_report = 0.0
         while True:
+            if self.stop.is_set():
+                self.cancel(force=True)
+                raise AllocationError(
+                    f"Slurm job {self.job_id} was cancelled while it waited in the queue: "
+                    f"{self.stop_reason or 'the start was abandoned'}",
+                    hint="start the kernel again when you want it",
+                )
             status = self.status()
             waited = time.monotonic() - started
             if status.state is JobState.RUNNING:
@@ -154,7 +194,25 @@ class SlurmAllocation:
                     hint="raise queue_timeout, or ask for a qos/partition that starts sooner "
                     "(e.g. qos interactive)",
                 )
-            time.sleep(poll_every)
+            self.stop.wait(poll_every)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop a wait in the queue (thread-safe); the waiting thread cancels the job."""
+        self.stop_reason = reason
+        self.stop.set()
+
+    def first_node(self, nodelist: str) -> tuple[str, str]:
+        """The first node of ``nodelist`` and the address to reach it at (NodeAddr)."""
+        code, out, err = self._run(hostnames_argv(nodelist))
+        names = out.split()
+        if code != 0 or not names:
+            raise AllocationError(
+                f"cannot read the nodes of Slurm job {self.job_id} ({nodelist!r}): {tail(err, 3)}",
+                hint="check `scontrol show hostnames` on the login node",
+            )
+        code, out, err = self._run(show_node_argv(names[0]))
+        address = parse_scontrol(out).get("NodeAddr", "") if code == 0 else ""
+        return names[0], address or names[0]
 
     def cancel(self, *, force: bool = False) -> bool:
         """Cancel the job if it is ours (or ``force``), unless it is to be kept."""

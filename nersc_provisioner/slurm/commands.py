@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import UnsafeValueError
+from ..errors import ConfigError, UnsafeValueError
 
 HOLDER_NAME = "nersc-kernel"
+#: The keys of kernel.json's ``slurm`` section.
+SLURM_KEYS = (
+    "qos", "constraint", "time", "account", "nodes", "gpus", "partition", "reservation",
+    "extra_args", "job_id", "keep",
+)  # fmt: skip
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?\Z")
 
 
@@ -44,6 +51,72 @@ class SlurmOptions:
     job_id: str = ""  # attach to an allocation the user already holds
     keep: bool = False  # leave the allocation running at shutdown
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SlurmOptions:
+        """Read kernel.json's ``slurm`` section; raise :class:`ConfigError` naming a bad key."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(
+                f"the slurm setting must be a mapping of keys to values, not {config!r}",
+                hint='e.g. {"qos": "interactive", "time": "1:00:00"}; keys: '
+                + ", ".join(SLURM_KEYS),
+            )
+        unknown = sorted(set(config) - set(SLURM_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) in the slurm settings: {', '.join(map(repr, unknown))}",
+                hint=f"valid keys are: {', '.join(SLURM_KEYS)}; pass anything else to sbatch "
+                "with extra_args",
+            )
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            if key == "nodes":
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | str)
+                    or not str(value).isdigit()
+                    or int(value) < 1
+                ):
+                    raise ConfigError(
+                        f"slurm nodes must be a positive whole number, not {value!r}",
+                        hint='e.g. "nodes": 1',
+                    )
+                values[key] = int(value)
+            elif key == "keep":
+                if not isinstance(value, bool):
+                    raise ConfigError(
+                        f"slurm keep must be true or false, not {value!r}",
+                        hint='e.g. "keep": true to leave the allocation running at shutdown',
+                    )
+                values[key] = value
+            elif key == "extra_args":
+                if (
+                    isinstance(value, str)
+                    or not isinstance(value, list | tuple)
+                    or not all(isinstance(arg, str) for arg in value)
+                ):
+                    raise ConfigError(
+                        f"slurm extra_args must be a list of strings, not {value!r}",
+                        hint='one argument per element: e.g. ["--mem=8G", "--licenses=scratch"]',
+                    )
+                values[key] = tuple(value)
+            elif key == "job_id":
+                values[key] = check_job_id(str(value)) if str(value) else ""
+            else:
+                if not isinstance(value, str | int) or isinstance(value, bool):
+                    raise ConfigError(
+                        f"slurm {key} must be a string, not {value!r}",
+                        hint=f"give it as Slurm's --{key} takes it",
+                    )
+                values[key] = str(value)
+        options = cls(**values)
+        options.flags()  # values that cannot be carried fail now, with their key named
+        return options
+
+    @property
+    def requested(self) -> bool:
+        """True if these settings ask for Slurm at all."""
+        return self != SlurmOptions()
+
     def flags(self) -> list[str]:
         flags = [f"--nodes={int(self.nodes)}"]
         for name in ("qos", "constraint", "time", "account", "gpus", "partition", "reservation"):
@@ -63,6 +136,27 @@ def holder_argv(options: SlurmOptions, job_name: str = HOLDER_NAME) -> list[str]
         "sbatch", "--parsable", f"--job-name={job_name}", "--output=/dev/null",
         *options.flags(), "--wrap", "exec sleep infinity",
     ]  # fmt: skip
+
+
+def step_argv(job_id: str, node: str, kernel_id: str) -> list[str]:
+    """A job step on ``node`` that shares the allocation's resources (``--overlap``).
+
+    Its task reads the launch script on stdin (``bash -s``).
+    """
+    return [
+        "srun", f"--jobid={check_job_id(job_id)}", "--overlap", "--nodes=1", "--ntasks=1",
+        f"--nodelist={_flag_value('nodelist', node)}",
+        f"--job-name={HOLDER_NAME}-{_flag_value('kernel id', kernel_id)}", "--quiet",
+        "--kill-on-bad-exit=0", "bash", "--noprofile", "--norc", "-s",
+    ]  # fmt: skip
+
+
+def hostnames_argv(nodelist: str) -> list[str]:
+    return ["scontrol", "show", "hostnames", _flag_value("nodelist", nodelist)]
+
+
+def show_node_argv(node: str) -> list[str]:
+    return ["scontrol", "--oneliner", "show", "node", _flag_value("node", node)]
 
 
 def squeue_argv(job_id: str) -> list[str]:

@@ -36,7 +36,7 @@ from ..errors import (
     UnknownHostKeyError,
 )
 from ..launchers.remote import agent_command, check_token
-from .ssh import SSHLogin, SSHTarget, connect, exec_script
+from .ssh import SSHLogin, SSHTarget, connect, connect_through, exec_script
 
 log = logging.getLogger("nersc_provisioner.ssh")
 
@@ -55,8 +55,10 @@ _FATAL = (AuthenticationError, CertificateExpiredError, ChangedHostKeyError, Unk
 class SSHConnection:
     """A shared, self-healing SSH connection to one host."""
 
-    def __init__(self, target: SSHTarget) -> None:
+    def __init__(self, target: SSHTarget, via: SSHConnection | None = None) -> None:
         self.target = target
+        #: Reach the target through this connection (a compute node via its login node).
+        self.via = via
         self.login: SSHLogin | None = None
         self.node = ""
         self.reconnects = 0
@@ -102,12 +104,22 @@ class SSHConnection:
             time.sleep(0.1)
 
     def _login(self) -> None:
-        login = connect(self.target)
+        if self.via is not None:
+            via = self.via.login
+            if via is None or not self.via.connected:
+                raise SSHConnectError(
+                    f"no connection to {self.via.target.label}, through which "
+                    f"{self.target.label} is reached",
+                    hint="it is being re-established; try again in a moment",
+                )
+            login = connect_through(self.target, via.client)
+        else:
+            login = connect(self.target)
         transport = login.client.get_transport()
         if transport is None:  # pragma: no cover - connect() returns a live login
             raise SSHConnectError(f"connection to {self.target.label} closed at once")
         transport.set_keepalive(KEEPALIVE)
-        if not self.target.jumps and not self.target.proxy_command:
+        if not self.target.jumps and not self.target.proxy_command and self.via is None:
             # Pin the address: a reconnect must reach the same login node.
             peer = transport.getpeername()[0]
             self.target = replace(self.target, address=peer)
@@ -292,11 +304,11 @@ class ConnectionPool:
     _connections: dict[SSHTarget, SSHConnection] = {}  # noqa: RUF012
 
     @classmethod
-    def get(cls, target: SSHTarget) -> SSHConnection:
+    def get(cls, target: SSHTarget, via: SSHConnection | None = None) -> SSHConnection:
         with cls._lock:
             conn = cls._connections.get(target)
-            if conn is None or conn.fatal is not None or conn._closing:
-                conn = SSHConnection(target)
+            if conn is None or conn.fatal is not None or conn._closing or conn.via is not via:
+                conn = SSHConnection(target, via)
                 cls._connections[target] = conn
             conn.acquire()
         return conn

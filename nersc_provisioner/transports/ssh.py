@@ -333,6 +333,12 @@ def connect(target: SSHTarget) -> SSHLogin:
         raise
 
 
+def connect_through(target: SSHTarget, via: paramiko.SSHClient) -> SSHLogin:
+    """Log in to ``target`` over a channel of an existing login (a compute node
+    reached through the login node's connection: no second login to the login node)."""
+    return SSHLogin(target=target, clients=[_login(target, _forward(via, target))])
+
+
 def _dial(target: SSHTarget) -> socket.socket:
     try:
         return socket.create_connection((target.address, target.port), timeout=CONNECT_TIMEOUT)
