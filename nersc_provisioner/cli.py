@@ -28,6 +28,7 @@ from .kernelspec import (
 )
 from .provisioners import PROVISIONERS
 from .shell import join
+from .slurm.commands import SlurmOptions
 from .transports.ssh import SSHTarget, resolve_target
 
 _DESCRIPTION = """\
@@ -44,12 +45,33 @@ examples:
       --module python --module cudatoolkit --setup 'conda activate myenv'
   python -m nersc_provisioner install --user --name shifter-py \\
       --container docker:continuumio/anaconda3:latest --python /opt/conda/bin/python
+  python -m nersc_provisioner install --user --name pm-gpu --provisioner nersc-perlmutter \\
+      --slurm-constraint gpu --slurm-qos interactive --slurm-gpus 1 --slurm-time 1:00:00 \\
+      --slurm-account m1234 --slurm-arg=--mem=8G
+  python -m nersc_provisioner check pm-gpu
   python -m nersc_provisioner list
   python -m nersc_provisioner show py-mods
   python -m nersc_provisioner remove py-mods
 
 docs: docs/cli.md (every flag), docs/configuration.md (every setting)
 """
+
+
+#: The --slurm-KEY flags with a plain value: the slurm key, metavar, help (SLURM_KEYS order).
+_SLURM_FLAGS = (
+    ("qos", "QOS", "QOS, e.g. interactive (Cori) or debug, regular (sbatch --qos)"),
+    (
+        "constraint",
+        "FEATURES",
+        "node type, e.g. gpu or cpu (Perlmutter), haswell or knl (Cori) (sbatch --constraint)",
+    ),
+    ("time", "TIME", "the job's time limit, e.g. 1:00:00, or 30 for minutes (sbatch --time)"),
+    ("account", "ACCOUNT", "project to charge, e.g. m1234 (sbatch --account)"),
+    ("nodes", "N", "nodes to allocate (default 1); the kernel runs on the first one"),
+    ("gpus", "GPUS", "GPUs for the job, e.g. 1 or 4 (sbatch --gpus)"),
+    ("partition", "PARTITION", "partition, on sites that use them (sbatch --partition)"),
+    ("reservation", "NAME", "reservation to run in, e.g. a training's (sbatch --reservation)"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,6 +172,50 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="seconds without contact before the remote watchdog ends the kernel",
     )
+    slurm = install.add_argument_group(
+        "Slurm: run the kernel as a step of a Slurm job on a compute node",
+        "With any of these (remote provisioners only), the kernel does not run on the login "
+        "node: a job is submitted there (sbatch), and once it runs the kernel starts in it as "
+        "an `srun --overlap` step on its first node. The job is cancelled when the kernel "
+        "shuts down (unless --slurm-keep or --slurm-job-id). Each value reaches sbatch as one "
+        "argument, never through a shell.",
+    )
+    for flag, metavar, text in _SLURM_FLAGS:
+        slurm.add_argument(
+            f"--slurm-{flag}",
+            metavar=metavar,
+            type=int if flag == "nodes" else str,
+            dest=f"slurm_{flag.replace('-', '_')}",
+            help=text,
+        )
+    slurm.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        dest="slurm_args",
+        metavar="ARG",
+        help="one more sbatch argument, as one word (repeatable), e.g. --slurm-arg=--mem=8G; "
+        "write it with '=' as shown, since a value that starts with '-' would be read as a flag",
+    )
+    slurm.add_argument(
+        "--slurm-job-id",
+        metavar="JOBID",
+        help="run in this job of yours (the number `squeue --me` shows) instead of submitting "
+        "one; it is never cancelled",
+    )
+    slurm.add_argument(
+        "--slurm-keep",
+        action="store_true",
+        help="leave the job running when the kernel shuts down (default: cancel the job the "
+        "kernel asked for)",
+    )
+    slurm.add_argument(
+        "--queue-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds the job may wait in the queue before it is cancelled and the start fails "
+        "(default 900; separate from --launch-timeout)",
+    )
     how.add_argument(
         "--no-check",
         action="store_true",
@@ -222,6 +288,22 @@ def _install(args: argparse.Namespace) -> int:
             "--host and --remote-* flags need a remote provisioner",
             hint="add --provisioner nersc-perlmutter (or nersc-cori)",
         )
+    slurm = _slurm_config(args)
+    if args.provisioner == "nersc-local" and (slurm or args.queue_timeout is not None):
+        raise ConfigError(
+            "--slurm-* and --queue-timeout flags need a remote provisioner: the job is "
+            "submitted on the login node",
+            hint="add --provisioner nersc-perlmutter (or nersc-cori)",
+        )
+    if slurm:
+        config["slurm"] = slurm
+    if args.queue_timeout is not None:
+        if not args.queue_timeout > 0:
+            raise ConfigError(
+                f"--queue-timeout must be a positive number of seconds, not {args.queue_timeout}",
+                hint="e.g. --queue-timeout 1800 to wait up to half an hour in the queue",
+            )
+        config["queue_timeout"] = args.queue_timeout
     kernel_argv = None
     if args.kernel_argv:
         kernel_argv = shlex.split(args.kernel_argv)
@@ -248,6 +330,35 @@ def _install(args: argparse.Namespace) -> int:
     )
     print(f"Installed kernel spec {name} in {path}")
     return 0
+
+
+def _slurm_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``slurm`` section from the --slurm-* flags given (only those), each value checked."""
+    given: list[tuple[str, str, Any]] = []
+    for flag, _, _ in _SLURM_FLAGS:
+        value = getattr(args, f"slurm_{flag}")
+        if value is not None:
+            given.append((f"--slurm-{flag}", flag, value))
+    if args.slurm_args:
+        given.append(("--slurm-arg", "extra_args", list(args.slurm_args)))
+    if args.slurm_job_id is not None:
+        given.append(("--slurm-job-id", "job_id", args.slurm_job_id))
+    if args.slurm_keep:
+        given.append(("--slurm-keep", "keep", True))
+    for flag, key, value in given:
+        try:
+            SlurmOptions.from_config({key: value})
+        except ConfigError as exc:
+            hint = exc.hint or (
+                "give one sbatch argument per --slurm-arg, with no newline or NUL byte, "
+                "e.g. --slurm-arg=--mem=8G"
+                if flag == "--slurm-arg"
+                else f"see {flag} in `python -m nersc_provisioner install --help`"
+            )
+            raise ConfigError(f"{flag}: {exc.message}", hint=hint) from None
+    config = {key: value for _, key, value in given}
+    SlurmOptions.from_config(config)
+    return config
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -347,7 +458,14 @@ def _check(args: argparse.Namespace) -> int:
         mark = "ok  " if step.ok else "FAIL"
         print(f"[{mark}] {step.name:<32} {step.seconds:7.2f} s  {step.detail}", flush=True)
 
-    return 0 if check(args.name, report) else 1
+    def progress(text: str) -> None:
+        print(f"       ... {text}", flush=True)
+
+    try:
+        return 0 if check(args.name, report, progress) else 1
+    except KeyboardInterrupt:
+        print("check interrupted", file=sys.stderr)
+        return 130
 
 
 def _remove(args: argparse.Namespace) -> int:

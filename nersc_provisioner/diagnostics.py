@@ -2,26 +2,56 @@
 
 Each step is timed.  The first failing step stops the check and reports what
 failed and how to fix it.
+
+For a spec with a ``slurm`` section, the login is followed by: submit the job
+(or attach to ``job_id``), wait for it in the queue (``queue_timeout``), ssh
+into its node through the login connection, probe the Python in an ``srun``
+step, and start the kernel in that job.  A job the check submitted is always
+cancelled at the end, whatever happened; the user's own ``job_id`` never is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jupyter_client.manager import AsyncKernelManager
 
-from .errors import NERSCProvisionerError, SSHConnectError
+from .errors import NERSCProvisionerError, SSHConnectError, tail
 from .kernelspec import get_kernel_spec, provisioner_class
 from .launchers.remote import build_probe_script
 from .provisioners.local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
-from .provisioners.remote import NERSCRemoteProvisioner, in_thread
+from .provisioners.remote import SSH_EXECUTOR, NERSCRemoteProvisioner, in_thread
+from .shell import join, quote
+from .slurm.allocation import (
+    POLL_EVERY,
+    AllocationError,
+    JobStatus,
+    SlurmAllocation,
+    script_runner,
+)
+from .slurm.commands import step_argv
+from .slurm.states import JobState
 from .transports.local import run_command
-from .transports.ssh import SSHLogin, SSHTarget, connect, exec_script, fingerprint
+from .transports.ssh import (
+    SSHLogin,
+    SSHTarget,
+    connect,
+    connect_through,
+    exec_script,
+    fingerprint,
+)
 from .transports.ssh import usable_identity_files as _identity_files
+
+T = TypeVar("T")
+
+#: Seconds to let a Slurm command already under way (sbatch: 60 s) finish before cancelling.
+SLURM_CALL_GRACE = 75.0
 
 
 @dataclass
@@ -36,10 +66,29 @@ class CheckFailed(Exception):
     pass
 
 
+class _Progress(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The Slurm allocation's log, as progress lines: its warnings, and the queue wait."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.getLogger("nersc_provisioner.check"), {})
+        self.say = say
+        self.waiting = False
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        text = str(msg) % args if args else str(msg)
+        if level >= logging.WARNING or (self.waiting and "waited" in text):
+            self.say(text)
+
+
 class Checker:
     """Runs the steps for one installed kernel spec and records them."""
 
-    def __init__(self, name: str, report: Callable[[Step], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        report: Callable[[Step], None],
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.name = name
         self.report = report
         self.steps: list[Step] = []
@@ -48,6 +97,15 @@ class Checker:
         self.provisioner = provisioner_class(installed.provisioner)(**installed.config)
         self.login: SSHLogin | None = None
         self.target: SSHTarget | None = None
+        # Slurm mode
+        self.progress = _Progress(progress or (lambda text: None))
+        self.allocation: SlurmAllocation | None = None
+        self._slurm_call: concurrent.futures.Future[Any] | None = None
+        self.job: JobStatus | None = None
+        self.node = ""
+        self.node_addr = ""
+        self.node_login: SSHLogin | None = None
+        self.job_ended = False
 
     async def step(self, name: str, action: Callable[[], Awaitable[str]]) -> None:
         started = time.monotonic()
@@ -100,14 +158,20 @@ class Checker:
         key = self._transport().get_remote_server_key()
         return f"logged in; host key {key.get_name()} {fingerprint(key)} matches known_hosts"
 
+    def _remote_probe(self) -> tuple[str, str]:
+        """The Python the remote side runs, and the script that probes it there."""
+        provisioner = self._remote()
+        argv = list(self.installed.spec.get("argv") or DEFAULT_KERNEL_ARGV)
+        python = provisioner.remote_python or argv[0]
+        setup = provisioner.environment_setup(env=self.installed.spec.get("env") or {})
+        return python, build_probe_script(setup, python)
+
     async def python(self) -> str:
         provisioner = self.provisioner
         argv = list(self.installed.spec.get("argv") or DEFAULT_KERNEL_ARGV)
         python = argv[0]
         if isinstance(provisioner, NERSCRemoteProvisioner):
-            python = provisioner.remote_python or python
-            setup = provisioner.environment_setup(env=self.installed.spec.get("env") or {})
-            script = build_probe_script(setup, python)
+            python, script = self._remote_probe()
             transport = self._transport()
             code, lines = await in_thread(
                 lambda: exec_script(transport, script, timeout=provisioner.launch_timeout)
@@ -122,6 +186,10 @@ class Checker:
                 lambda: run_command(["bash", "--noprofile", "--norc", "-c", script], check=False)
             )
             code, lines = result.returncode, (result.stdout + result.stderr).splitlines()
+        return self._probe_result(code, lines, python)
+
+    def _probe_result(self, code: int | None, lines: Sequence[str], python: str) -> str:
+        """The probe's report, or the error that names why it failed."""
         found = [line for line in lines if line.startswith("NPR_PYTHON ")]
         if code != 0 or not found:
             from .launchers.wrapper import launch_error_from_exit
@@ -133,12 +201,188 @@ class Checker:
                 error.hint = "install it: `python -m pip install ipykernel` in that environment"
             raise error
         _, executable, version, ipykernel = found[-1].split()
-        modules = getattr(provisioner, "modules", [])
+        modules = getattr(self.provisioner, "modules", [])
         loaded = f"modules {' '.join(modules)} loaded; " if modules else ""
         return f"{loaded}{executable}: Python {version}, ipykernel {ipykernel}"
 
+    # --- Slurm ----------------------------------------------------------------------
+
+    def _allocation(self) -> SlurmAllocation:
+        if self.allocation is None:
+            raise CheckFailed("no Slurm job")
+        return self.allocation
+
+    async def _slurm(self, func: Callable[[], T]) -> T:
+        """Run a blocking Slurm call; remember it, so that the end can wait for it."""
+        future = SSH_EXECUTOR.submit(func)
+        self._slurm_call = future
+        result: T = await asyncio.wrap_future(future)
+        return result
+
+    async def submit(self) -> str:
+        remote = self._remote()
+        options = remote.slurm_options()
+        transport = self._transport()
+
+        def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
+            return exec_script(transport, script, timeout=timeout)
+
+        alloc = SlurmAllocation(options, runner=script_runner(run), logger=self.progress)
+        self.allocation = alloc
+        job_id = await self._slurm(alloc.submit)
+        if not alloc.owned:
+            status = await self._slurm(alloc.status)
+            return (
+                f"attached to your job {job_id} ({status.state.value}); "
+                "it is left running afterwards"
+            )
+        return f"job {job_id} submitted: sbatch {join(options.flags())}"
+
+    def _wait_attached(self, alloc: SlurmAllocation, timeout: float) -> JobStatus:
+        """Wait for the user's own job; unlike wait_running, never cancel it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = alloc.status()
+            if status.state is JobState.RUNNING:
+                return status
+            if status.state.terminal:
+                raise AllocationError(
+                    f"your Slurm job {alloc.job_id} is {status.state.value}, not usable",
+                    hint="start a new allocation and set job_id to it, or remove job_id",
+                )
+            if alloc.stop.is_set():
+                raise AllocationError(
+                    f"the wait for your Slurm job {alloc.job_id} was stopped; it is left alone",
+                    hint="run the check again when you want it",
+                )
+            if time.monotonic() >= deadline:
+                raise AllocationError(
+                    f"your Slurm job {alloc.job_id} is still {status.state.value} "
+                    f"(reason: {status.reason or 'none'}) after {timeout:.0f} s; left alone",
+                    hint="check again when it runs (`squeue --me`), or raise queue_timeout",
+                )
+            alloc.stop.wait(POLL_EVERY)
+
+    async def queue_wait(self) -> str:
+        alloc = self._allocation()
+        timeout = self._remote().queue_timeout
+        started = time.monotonic()
+        self.progress.waiting = True
+        try:
+            if alloc.owned:
+                status = await self._slurm(lambda: alloc.wait_running(timeout))
+            else:
+                status = await self._slurm(lambda: self._wait_attached(alloc, timeout))
+        finally:
+            self.progress.waiting = False
+        waited = time.monotonic() - started
+        self.job = status
+        self.node, self.node_addr = await self._slurm(lambda: alloc.first_node(status.nodes))
+        return (
+            f"job {alloc.job_id} running on {status.nodes} after {waited:.1f} s in the queue "
+            f"(limit queue_timeout = {timeout:g} s)"
+        )
+
+    async def node_ssh(self) -> str:
+        remote = self._remote()
+        # The node as the kernel reaches it: the login node's user, keys and known_hosts
+        # (plus the system's), through the login connection.
+        remote._login_target = self._target()
+        target = remote._node_target(self.node_addr)
+        if self.login is None:
+            raise SSHConnectError("not connected to the login node")
+        via = self.login.client
+        self.node_login = await in_thread(lambda: connect_through(target, via))
+        transport = self.node_login.client.get_transport()
+        if transport is None:
+            raise SSHConnectError(f"the connection to {target.label} closed at once")
+        key = transport.get_remote_server_key()
+        return (
+            f"{self.node} ({self.node_addr}) as {target.user}, through the login node; "
+            f"host key {key.get_name()} {fingerprint(key)} matches known_hosts"
+        )
+
+    async def probe_in_step(self) -> str:
+        remote = self._remote()
+        alloc = self._allocation()
+        transport = self.node_login.client.get_transport() if self.node_login else None
+        if transport is None:
+            raise SSHConnectError(f"not connected to {self.node}")
+        python, probe = self._remote_probe()
+        srun = step_argv(alloc.job_id, self.node, "check")
+        # The probe goes to the step's task on srun's stdin, as a kernel's launch script does.
+        script = f"printf '%s' {quote(probe)} | {join(srun)}\n"
+        code, lines = await in_thread(
+            lambda: exec_script(transport, script, timeout=remote.launch_timeout)
+        )
+        if not any(line.startswith("NPR_PYTHON ") for line in lines) and any(
+            line.startswith("srun:") for line in lines
+        ):
+            raise AllocationError(
+                f"srun could not run a step in Slurm job {alloc.job_id} on {self.node} "
+                f"(exit code {code}):\n{tail(chr(10).join(lines), 5)}",
+                hint="see `squeue --steps --job " + alloc.job_id + "`; the job may have ended",
+            )
+        detail = self._probe_result(code, lines, python)
+        return f"{detail} (srun step of job {alloc.job_id} on {self.node})"
+
+    async def end_job(self) -> str:
+        alloc = self._allocation()
+        self.job_ended = True
+        if not await in_thread(lambda: alloc.cancel(force=True)):
+            status: JobStatus = await in_thread(alloc.status)
+            if status.state.terminal:  # e.g. cancelled by the queue wait's timeout
+                return (
+                    f"job {alloc.job_id}, submitted by this check, has ended ({status.state.value})"
+                )
+            raise AllocationError(
+                f"could not cancel Slurm job {alloc.job_id}",
+                hint=f"cancel it yourself: `scancel {alloc.job_id}` on the login node",
+            )
+        return f"job {alloc.job_id}, submitted by this check, cancelled"
+
+    async def _finish_slurm(self) -> bool:
+        """Cancel the job the check submitted, whatever happened; False if that failed."""
+        alloc = self.allocation
+        if alloc is None or self.job_ended:
+            return True
+        alloc.request_stop("the check ended")  # a wait in the queue stops (and cancels)
+        call = self._slurm_call
+        if call is not None and not call.done():
+            # An sbatch under way: let it return its job id, so that the job is cancelled.
+            await in_thread(lambda: concurrent.futures.wait([call], timeout=SLURM_CALL_GRACE))
+        if not alloc.owned:
+            return True
+        try:
+            await self.step("cancel the Slurm job", self.end_job)
+        except CheckFailed:
+            return False
+        return True
+
+    def finish_now(self) -> None:
+        """The last resort after an interrupt: cancel our job, close the connections."""
+        alloc = self.allocation
+        if alloc is not None and alloc.owned and not self.job_ended and self.login is not None:
+            self.job_ended = True
+            alloc.cancel(force=True)
+        self._close()
+
+    def _close(self) -> None:
+        for login in (self.node_login, self.login):
+            if login is not None:
+                login.close()
+        self.node_login = self.login = None
+
     async def kernel(self) -> str:
         km = AsyncKernelManager(kernel_name=self.name)
+        alloc = self.allocation
+        where = ""
+        if alloc is not None and alloc.job_id and km.kernel_spec is not None:
+            # In the job the check holds: no second queue wait; the kernel's provisioner
+            # treats it as the user's own job (job_id), so it leaves the cancelling to us.
+            config = km.kernel_spec.metadata["kernel_provisioner"].setdefault("config", {})
+            config["slurm"] = {**config.get("slurm", {}), "job_id": alloc.job_id}
+            where = f" (in Slurm job {alloc.job_id})"
         started = time.monotonic()
         await km.start_kernel()
         kc = km.client()
@@ -160,28 +404,56 @@ class Checker:
         if reply["content"]["status"] != "ok":
             raise RuntimeError(f"the cell failed: {reply['content'].get('evalue')}")
         host_pid = "".join(out).strip()
-        return f"kernel_info after {ready:.2f} s; cell ran in {cell * 1000:.0f} ms on {host_pid}"
+        return (
+            f"kernel_info after {ready:.2f} s; cell ran in {cell * 1000:.0f} ms on {host_pid}"
+            + where
+        )
+
+    async def _steps(self) -> None:
+        provisioner = self.provisioner
+        remote = isinstance(provisioner, NERSCRemoteProvisioner)
+        if remote:
+            await self.step("resolve ssh config", self.resolve)
+            await self.step("check certificate expiry", self.certificate)
+            await self.step("connect and verify host key", self.connect)
+        if isinstance(provisioner, NERSCRemoteProvisioner) and provisioner.in_slurm:
+            await self.step("submit", self.submit)
+            await self.step("queue wait", self.queue_wait)
+            await self.step("node ssh", self.node_ssh)
+            await self.step("probe in a step", self.probe_in_step)
+            if self.node_login is not None:
+                self.node_login.close()
+                self.node_login = None
+            # The login connection stays: the job is cancelled through it at the end.
+        else:
+            await self.step("python, ipykernel and modules", self.python)
+            self._close()
+        await self.step("start kernel and run a cell", self.kernel)
 
     async def run(self) -> bool:
-        remote = isinstance(self.provisioner, NERSCRemoteProvisioner)
+        ok = False
         try:
-            if remote:
-                await self.step("resolve ssh config", self.resolve)
-                await self.step("check certificate expiry", self.certificate)
-                await self.step("connect and verify host key", self.connect)
-            await self.step("python, ipykernel and modules", self.python)
-            if self.login is not None:
-                self.login.close()
-                self.login = None
-            await self.step("start kernel and run a cell", self.kernel)
+            await self._steps()
+            ok = True
         except CheckFailed:
-            return False
+            pass
         finally:
-            if self.login is not None:
-                self.login.close()
-        return True
+            # Also after an error or a cancellation (Ctrl-C): the job must not stay.
+            if not await self._finish_slurm():
+                ok = False
+            self._close()
+        return ok
 
 
-def check(name: str, report: Callable[[Step], None]) -> bool:
-    """Run every step for kernel spec ``name``; True if all passed."""
-    return asyncio.run(Checker(name, report).run())
+def check(
+    name: str, report: Callable[[Step], None], progress: Callable[[str], None] | None = None
+) -> bool:
+    """Run every step for kernel spec ``name``; True if all passed.
+
+    ``progress`` receives lines while a step is under way (a Slurm job's queue wait).
+    """
+    checker = Checker(name, report, progress)
+    try:
+        return asyncio.run(checker.run())
+    finally:
+        checker.finish_now()

@@ -48,6 +48,7 @@ async def start_kernel(jupyter_dirs: Path) -> AsyncIterator[KernelFactory]:
         argv: list[str] | None = None,
         env: dict[str, str] | None = None,
         provisioner: str = "nersc-local",
+        created: Callable[[AsyncKernelManager], None] | None = None,
     ) -> AsyncKernelManager:
         spec: dict[str, Any] = {
             "display_name": name,
@@ -66,6 +67,8 @@ async def start_kernel(jupyter_dirs: Path) -> AsyncIterator[KernelFactory]:
         connection_file = runtime / f"kernel-{uuid.uuid4()}.json"
         km = AsyncKernelManager(kernel_name=name, connection_file=str(connection_file))
         managers.append(km)
+        if created is not None:  # the test may act on the manager while it starts
+            created(km)
         await km.start_kernel()
         return km
 

@@ -7,14 +7,19 @@ The "login node" is the sshd in netns npr-remote; the job's node is this machine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from nersc_provisioner.errors import ConfigError
+from nersc_provisioner.provisioners import NERSCCoriProvisioner
 from nersc_provisioner.slurm import AllocationError, QueueTimeout
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
@@ -31,7 +36,8 @@ def rig() -> Rig:
 @pytest.fixture
 def config(rig: Rig) -> dict[str, Any]:
     ssh = rig.ssh
-    assert ssh is not None and ssh.remote_python
+    assert ssh is not None
+    assert ssh.remote_python
     return {
         "host": ssh.host,
         "user": ssh.user,
@@ -77,6 +83,51 @@ async def wait_until(predicate: Any, timeout: float, step: float = 0.25) -> bool
     return bool(predicate())
 
 
+def job_rows(user: str, job_id: str) -> list[tuple[str, str, str]]:
+    """The job and its steps, as squeue shows them."""
+    return [row for row in queue(user) if row[0].split(".")[0] == job_id]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True
+    ).stdout
+    fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+    return fields.get("JobState", "")
+
+
+def submit_as(user: str, *args: str) -> str:
+    """A job of ``user`` (sbatch as that user), its id."""
+    out = subprocess.run(
+        ["runuser", "-u", user, "--", "sbatch", "--parsable", "--output=/dev/null", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/tmp",
+    ).stdout
+    return out.strip().split(";")[0]
+
+
+@contextlib.contextmanager
+def node_filled(rig: Rig) -> Any:
+    """A job of another user that takes every CPU of the node, so that ours must wait."""
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--exclusive", "--output=/dev/null", "--wrap", "sleep 600"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/tmp",
+    ).stdout.strip()
+    try:
+        deadline = time.monotonic() + 30
+        while job_state(job) != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job_state(job) == "RUNNING"
+        yield job
+    finally:
+        subprocess.run(["scancel", job], check=False)
+
+
 def job_of(km: Any) -> str:
     job = km.provisioner._job
     assert job is not None
@@ -115,10 +166,243 @@ async def test_lifecycle_in_an_allocation(
         assert job_of(km) == job_id  # the same allocation
         result = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'], 6 * 7)")
         assert result.stdout.split() == [job_id, "42"]
-        print(f"first start {first_start:.2f} s, restart {restart:.2f} s, interrupt {interrupt:.3f} s")
+        print(f"first start {first_start:.2f} s, restart {restart:.2f} s")
+        print(f"interrupt {interrupt:.3f} s")
         assert restart < first_start
     finally:
         kc.stop_channels()
     await km.shutdown_kernel()
-    assert await wait_until(lambda: not [r for r in queue(user) if r[0].split(".")[0] == job_id], 30), queue(user)
+    assert await wait_until(lambda: not job_rows(user, job_id), 30), job_rows(user, job_id)
     assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
+
+
+async def test_job_cancelled_from_outside_is_reported_then_replaced_once(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = rig.ssh.user  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO)
+    km = await start_kernel(config, provisioner="nersc-cori")
+    first = job_of(km)
+    assert await km.is_alive()
+    subprocess.run(["scancel", first], check=True)
+    assert await wait_until_async(lambda: km.is_alive(), False, 30)
+    ended = [r.getMessage() for r in caplog.records if "has ended" in r.getMessage()]
+    assert any(first in m and "CANCELLED" in m for m in ended), ended
+
+    # The policy: after a job ends, a restart asks for one new allocation ...
+    await km.restart_kernel(now=True)
+    second = job_of(km)
+    assert second != first
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert result.stdout.strip() == second
+    finally:
+        kc.stop_channels()
+    # ... and no more: a second end is final.
+    subprocess.run(["scancel", second], check=True)
+    assert await wait_until_async(lambda: km.is_alive(), False, 30)
+    with pytest.raises(AllocationError) as info:
+        await km.restart_kernel(now=True)
+    assert first in str(info.value)
+    assert second in str(info.value)
+    assert "shut the kernel down and start it anew" in str(info.value)
+    assert not job_rows(user, first)
+    assert not job_rows(user, second)
+    submitted = [r.getMessage() for r in caplog.records if "submitted" in r.getMessage()]
+    assert len(submitted) == 2, submitted  # no third job was asked for
+
+
+async def wait_until_async(call: Any, value: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await call() == value:
+            return True
+        await asyncio.sleep(0.5)
+    return bool(await call() == value)
+
+
+async def test_time_limit_is_reported_as_timeout(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    km = await start_kernel({**config, "slurm": {"time": "1"}}, provisioner="nersc-cori")
+    job_id = job_of(km)
+    assert await km.is_alive()
+    assert await wait_until_async(lambda: km.is_alive(), False, 200)
+    ended = [r.getMessage() for r in caplog.records if "has ended" in r.getMessage()]
+    assert any(job_id in m and "TIMEOUT" in m for m in ended), ended
+    await km.shutdown_kernel(now=True)
+    assert not kernel_processes(rig.ssh.user)  # type: ignore[union-attr]
+
+
+async def test_queue_wait_logs_progress_and_times_out_leaving_nothing(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = rig.ssh.user  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO)
+    with node_filled(rig):
+        started = time.monotonic()
+        with pytest.raises(QueueTimeout) as info:
+            await start_kernel({**config, "queue_timeout": 7}, provisioner="nersc-cori")
+        waited = time.monotonic() - started
+    message = str(info.value)
+    assert "PENDING" in message
+    assert "cancelled" in message
+    assert "queue_timeout" in message  # the fix is named
+    assert 7 <= waited < 40
+    progress = [r.getMessage() for r in caplog.records if "waited" in r.getMessage()]
+    assert len(progress) >= 2, progress  # at the start and every few seconds
+    assert all("PENDING" in line and "reason:" in line for line in progress)
+    assert await wait_until(lambda: not queue(user), 15), queue(user)
+    assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
+
+
+@pytest.mark.parametrize("how", ["interrupt", "cancel", "shutdown"])
+async def test_interrupt_or_shutdown_while_queued_cancels_the_job(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, how: str
+) -> None:
+    """interrupt: km.interrupt_kernel(); cancel: the start is abandoned (a stopping server
+    cancels it); shutdown: km.shutdown_kernel(now=True) while the start waits."""
+    user = rig.ssh.user  # type: ignore[union-attr]
+    managers: list[Any] = []
+
+    async def start() -> None:
+        await start_kernel(
+            {**config, "queue_timeout": 120}, provisioner="nersc-cori", created=managers.append
+        )
+
+    with node_filled(rig):
+        task = asyncio.create_task(start())
+
+        def our_job() -> str:
+            provisioner = managers[0].provisioner if managers else None
+            alloc = getattr(provisioner, "_allocation", None)
+            return alloc.job_id if alloc is not None else ""
+
+        assert await wait_until(lambda: our_job() and job_state(our_job()) == "PENDING", 30)
+        km = managers[0]
+        job_id = our_job()
+        t0 = time.monotonic()
+        if how == "interrupt":
+            await km.interrupt_kernel()
+            with pytest.raises(AllocationError, match=r"cancelled while it waited.*interrupted"):
+                await asyncio.wait_for(task, 30)
+        elif how == "cancel":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await km.shutdown_kernel(now=True)
+            # The shutdown call succeeds.  jupyter_client's start and shutdown share one
+            # "ready" future, so the abandoned start may end in its InvalidStateError;
+            # what it ended with is our error.
+            with pytest.raises(Exception) as info:  # noqa: PT011
+                await asyncio.wait_for(task, 30)
+            error = info.value
+            if isinstance(error, asyncio.InvalidStateError):
+                error = error.__context__  # type: ignore[assignment]
+            assert isinstance(error, AllocationError)
+            assert "shut down" in str(error)
+        assert await wait_until(lambda: not job_rows(user, job_id), 15), queue(user)
+        assert job_state(job_id) == "CANCELLED"
+        assert time.monotonic() - t0 < 15
+    assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
+
+
+async def test_attached_allocation_stays_after_shutdown(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
+) -> None:
+    user = rig.ssh.user  # type: ignore[union-attr]
+    job_id = submit_as(user, "--time=10", "--wrap", "exec sleep infinity")
+    try:
+        deadline = time.monotonic() + 30
+        while job_state(job_id) != "RUNNING" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        km = await start_kernel({**config, "slurm": {"job_id": job_id}}, provisioner="nersc-cori")
+        kc = await ready_client(km)
+        try:
+            result = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+            assert result.stdout.strip() == job_id
+        finally:
+            kc.stop_channels()
+        await km.shutdown_kernel()
+        await asyncio.sleep(2)
+        assert job_state(job_id) == "RUNNING"  # the user's own allocation is left alone
+        rows = job_rows(user, job_id)
+        assert [r for r in rows if "." not in r[0]], rows
+        assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+
+async def test_kernel_ports_bind_the_node_loopback_only(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
+) -> None:
+    """Other users on other nodes cannot reach the kernel; only the node's loopback is bound."""
+    km = await start_kernel(config, provisioner="nersc-cori")
+    remote = km.provisioner.remote  # type: ignore[union-attr]
+    assert remote is not None
+    proc = psutil.Process(remote.pid)  # the node is this machine
+    listening = [c.laddr for c in proc.net_connections() if c.status == psutil.CONN_LISTEN]
+    assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
+    assert set(remote.ports.values()) <= {addr.port for addr in listening}
+    ssh, slurm = rig.ssh, rig.slurm
+    assert ssh is not None
+    assert slurm is not None
+    # From the login node (another host on the cluster), the node's ports are closed.
+    for port in remote.ports.values():
+        probe = subprocess.run(
+            ["ip", "netns", "exec", ssh.netns, "bash", "-c",
+             f"exec 3<>/dev/tcp/{slurm.node_addr}/{port}"],
+            capture_output=True,
+            timeout=10,
+        )  # fmt: skip
+        assert probe.returncode != 0
+
+
+async def test_hostile_slurm_values_are_values(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
+) -> None:
+    user = rig.ssh.user  # type: ignore[union-attr]
+    canaries = Path("/tmp/npr-slurm-canaries")
+    canaries.mkdir(exist_ok=True)
+    shutil.chown(canaries, user)  # writable by the rig user, so an injection would show
+    canaries.chmod(0o700)
+    for leftover in canaries.iterdir():
+        leftover.unlink()
+    comment = (
+        f"a b; touch {canaries}/semi $(touch {canaries}/dollar) `touch {canaries}/tick` "
+        "'q\" && touch x"
+    )
+    km = await start_kernel(
+        {**config, "slurm": {"time": "10", "extra_args": [f"--comment={comment}"]}},
+        provisioner="nersc-cori",
+    )
+    job_id = job_of(km)
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"Comment={comment}" in out  # carried verbatim to Slurm
+    await km.shutdown_kernel()
+    assert list(canaries.iterdir()) == []
+
+    # A value Slurm refuses is reported with Slurm's words, and nothing is left.
+    with pytest.raises(AllocationError) as info:
+        await start_kernel(
+            {**config, "slurm": {"partition": f"x; touch {canaries}/p $(touch {canaries}/p2)"}},
+            provisioner="nersc-cori",
+        )
+    assert "sbatch" in str(info.value)
+    assert "invalid partition" in str(info.value).lower()
+    assert list(canaries.iterdir()) == []
+
+    # Values no shell or flag can carry are refused when the provisioner is built,
+    # before anything runs.
+    for bad in ({"qos": "a\nb"}, {"account": "-Aevil"}, {"nodes": 0}, {"bogus": 1},
+                {"extra_args": "--mem=1G"}, {"job_id": "1; scancel -u x"}):  # fmt: skip
+        with pytest.raises(ConfigError) as refused:
+            NERSCCoriProvisioner(**{**config, "slurm": bad})
+        assert "slurm" in str(refused.value).lower()
+        assert "What to do" in str(refused.value)
+    assert list(canaries.iterdir()) == []

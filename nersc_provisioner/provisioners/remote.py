@@ -14,10 +14,11 @@ then does everything the login connection does for a login-node kernel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
@@ -35,7 +36,9 @@ from ..launchers.remote import (
 )
 from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
+from ..shell import join
 from ..slurm.allocation import AllocationError, JobStatus, SlurmAllocation, script_runner
+from ..slurm.commands import holder_argv
 from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
@@ -146,7 +149,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     _allocation: SlurmAllocation | None = None
     _job: SlurmJob | None = None
     _pending = False  # the job is waiting in the queue
-    _replaced_after: str = ""  # "JOB (STATE)" of the job whose end led to a new allocation
+    _replaced_after: str = ""
+    _shut_down_while_pending = False  # "JOB (STATE)" of the job whose end led to a new allocation
     _job_end: JobStatus | None = None
 
     def target(self) -> SSHTarget:
@@ -201,26 +205,25 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         )
         if self.in_slurm:
             options = self.slurm_options()
-            job = options.job_id or "JOB"
-            script = build_step_script(
-                script, job_id=job if job != "JOB" else "0", node="NODE", kernel_id="KERNEL_ID"
-            ).replace("--jobid=0", "--jobid=JOB")
-            submit = (
-                ["(attach to", options.job_id + ")"]
+            first = (
+                f"# 1. attach to your Slurm job {options.job_id}"
                 if options.job_id
-                else ["sbatch", *options.flags(), "--wrap", "'exec sleep infinity'", ";"]
+                else f"# 1. on {self.host}: {join(holder_argv(options))}"
+            )
+            step = build_step_script(
+                script, job_id=options.job_id or "0", node="NODE", kernel_id="KERNEL_ID"
+            )
+            script = "\n".join(
+                [
+                    first,
+                    "# 2. wait for it to run (queue_timeout), then ssh to its first node NODE",
+                    f"#    through the connection to {self.host}, and run there:",
+                    step if options.job_id else step.replace("--jobid=0", "--jobid=JOB"),
+                ]
             )
             return LaunchPlan(
                 script=script,
-                command=[
-                    f"ssh {self.host}",
-                    *submit,
-                    "ssh NODE",
-                    "bash",
-                    "--noprofile",
-                    "--norc",
-                    "-s",
-                ],
+                command=["ssh NODE", "bash", "--noprofile", "--norc", "-s"],
             )
         return LaunchPlan(
             script=script,
@@ -330,18 +333,22 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         self._allocation = alloc
         self._pending = True
         started = time.monotonic()
+        # One thread submits, waits and finds the node; on any failure it cancels the job.
+        work = SSH_EXECUTOR.submit(_allocate, alloc, self.queue_timeout)
         try:
-            await in_thread(alloc.submit)
-            status = await in_thread(alloc.wait_running, self.queue_timeout)
-            node, address = await in_thread(alloc.first_node, status.nodes)
+            node, address = await asyncio.wrap_future(work)
         except asyncio.CancelledError:
-            alloc.request_stop("the start was cancelled")  # the waiting thread cancels the job
+            # The start was abandoned (the server is stopping, a client gave up). The
+            # thread cancels the job through the login connection, which is given
+            # back only after that.
+            alloc.request_stop("the start was cancelled")
             self._allocation = None
+            self._release_after(work)
             raise
         except BaseException:
             self._allocation = None
-            if alloc.owned:
-                await in_thread(lambda: alloc.cancel(force=True))
+            if self._shut_down_while_pending:
+                await self._let_shutdown_finish()
             raise
         finally:
             self._pending = False
@@ -355,6 +362,34 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             time.monotonic() - started,
         )
         return self._job
+
+    async def _let_shutdown_finish(self) -> None:
+        """A shutdown_kernel() overlapping this start: end the start after it.
+
+        jupyter_client's start and shutdown share the manager's ``ready`` future; the
+        one that ends last finds it set.  Ending after the shutdown lets the shutdown
+        call succeed (the abandoned start then ends in jupyter_client's
+        InvalidStateError, with our error as its context).
+        """
+        ready = getattr(self.parent, "ready", None)
+        if isinstance(ready, asyncio.Future) and not ready.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(ready), 10)
+
+    def _release_after(self, work: Future[Any]) -> None:
+        """Give the connections back once ``work`` (a thread using them) has ended."""
+        node, node_target = self._conn, self._target
+        login, login_target = self._login, self._login_target
+        self._conn = self._target = self._login = None
+        self._close_listeners()
+
+        def release(_: Future[Any]) -> None:
+            if node is not None and node_target is not None and node is not login:
+                ConnectionPool.put(node_target, node)
+            if login is not None and login_target is not None:
+                ConnectionPool.put(login_target, login)
+
+        work.add_done_callback(lambda done: SSH_EXECUTOR.submit(release, done))
 
     async def _job_status(self) -> JobStatus | None:
         alloc = self._allocation
@@ -437,8 +472,11 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             km.write_connection_file()
             self.connection_info = km.get_connection_info()
         self._job_end = None
+        self._shut_down_while_pending = False
         try:
             await self._connection()
+        except asyncio.CancelledError:
+            raise  # what is still in use is given back by the thread that uses it
         except BaseException:
             self._close_listeners()
             await self._end_allocation()
@@ -620,14 +658,16 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         name = signal.Signals(signum).name.removeprefix("SIG")
         alloc = self._allocation
         if remote is None and self._pending and alloc is not None:
-            what = "interrupted" if signum == signal.SIGINT else "stopped"
+            stopping = self._stopping or getattr(self.parent, "shutting_down", False)
+            what = "shut down" if stopping or signum != signal.SIGINT else "interrupted"
+            self._shut_down_while_pending = what == "shut down"
             self.log.info(
                 "%s: the kernel was %s while Slurm job %s waited in the queue; cancelling it",
                 self.provisioner_name,
                 what,
                 alloc.job_id or "(not yet submitted)",
             )
-            alloc.request_stop(f"the kernel was {what} (SIG{name})")
+            alloc.request_stop(f"the kernel was {what}")
             return
         if remote is None or conn is None:
             return
@@ -667,6 +707,13 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 self.log.warning("cleanup of kernel %s on the remote host: %s", kernel_id, exc)
         self.remote = None
         if not restart:
+            alloc = self._allocation
+            if self._pending and alloc is not None:
+                # Shut down while the job waits in the queue: the waiting start
+                # cancels the job and gives back what it holds.
+                self._shut_down_while_pending = True
+                alloc.request_stop("the kernel was shut down")
+                return
             self._close_listeners()
             if self.in_slurm:
                 await self._end_allocation()
@@ -714,6 +761,22 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             connection[name] = listener.getsockname()[1]
         self.connection_info = connection  # type: ignore[assignment]
         await in_thread(conn.request, "watch", self.remote.kernel_id)
+
+
+def _allocate(alloc: SlurmAllocation, queue_timeout: float) -> tuple[str, str]:
+    """Submit (or attach), wait in the queue, find the node: (name, address).  Blocking.
+
+    On any failure, including a stop requested while waiting, the job is cancelled
+    (if it is ours) before the error propagates.
+    """
+    try:
+        alloc.submit()
+        status = alloc.wait_running(queue_timeout)
+        return alloc.first_node(status.nodes)
+    except BaseException:
+        if alloc.owned:
+            alloc.cancel(force=True)
+        raise
 
 
 class NERSCCoriProvisioner(NERSCRemoteProvisioner):

@@ -105,6 +105,7 @@ class SlurmAllocation:
         #: Set (from any thread) to stop a wait in the queue; the job is then cancelled.
         self.stop = threading.Event()
         self.stop_reason = ""
+        self.cancelled = False
 
     def _run(self, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str, str]:
         return self.runner(argv, timeout)
@@ -154,10 +155,16 @@ class SlurmAllocation:
         last_report = 0.0
         while True:
             if self.stop.is_set():
+                reason = self.stop_reason or "the start was abandoned"
+                if not self.owned:  # the user's own job: stop waiting, leave it alone
+                    raise AllocationError(
+                        f"stopped waiting for your Slurm job {self.job_id}: {reason}; "
+                        "the job itself was left as it is",
+                        hint="start the kernel again when the job runs (`squeue --me`)",
+                    )
                 self.cancel(force=True)
                 raise AllocationError(
-                    f"Slurm job {self.job_id} was cancelled while it waited in the queue: "
-                    f"{self.stop_reason or 'the start was abandoned'}",
+                    f"Slurm job {self.job_id} was cancelled while it waited in the queue: {reason}",
                     hint="start the kernel again when you want it",
                 )
             status = self.status()
@@ -186,6 +193,14 @@ class SlurmAllocation:
                     waited,
                     timeout,
                 )
+            if waited >= timeout and not self.owned:
+                raise QueueTimeout(
+                    f"your Slurm job {self.job_id} is still {status.state.value} "
+                    f"(reason: {status.reason or 'none'}) after {waited:.0f} s; it was left "
+                    "in the queue, as it is yours",
+                    hint="start the kernel when the job runs (`squeue --me`), or raise "
+                    "queue_timeout",
+                )
             if waited >= timeout:
                 self.cancel(force=True)
                 raise QueueTimeout(
@@ -198,8 +213,9 @@ class SlurmAllocation:
 
     def request_stop(self, reason: str) -> None:
         """Stop a wait in the queue (thread-safe); the waiting thread cancels the job."""
-        self.stop_reason = reason
-        self.stop.set()
+        if not self.stop.is_set():  # the first reason is the one reported
+            self.stop_reason = reason
+            self.stop.set()
 
     def first_node(self, nodelist: str) -> tuple[str, str]:
         """The first node of ``nodelist`` and the address to reach it at (NodeAddr)."""
@@ -218,9 +234,12 @@ class SlurmAllocation:
         """Cancel the job if it is ours (or ``force``), unless it is to be kept."""
         if not self.job_id or (not force and (not self.owned or self.options.keep)):
             return False
+        if self.cancelled:
+            return True
         code, _, err = self._run(scancel_argv(self.job_id))
         if code != 0:
             self.log.warning("scancel %s failed: %s", self.job_id, tail(err, 2))
             return False
+        self.cancelled = True
         self.log.info("Slurm job %s cancelled", self.job_id)
         return True
