@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from nersc_provisioner.provisioners import NERSCCoriProvisioner
 from nersc_provisioner.slurm import AllocationError, QueueTimeout
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
-from tests.rig import Rig, require_compute_node
+from tests.rig import Rig, require_compute_node, require_lmod
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -129,7 +130,8 @@ def node_filled(rig: Rig) -> Any:
 
 
 def job_of(km: Any) -> str:
-    job = km.provisioner._job
+    """The Slurm job of a kernel manager's provisioner (or of a provisioner)."""
+    job = getattr(km, "provisioner", km)._job
     assert job is not None
     return str(job.job_id)
 
@@ -233,7 +235,8 @@ async def test_time_limit_is_reported_as_timeout(
     ended = [r.getMessage() for r in caplog.records if "has ended" in r.getMessage()]
     assert any(job_id in m and "TIMEOUT" in m for m in ended), ended
     await km.shutdown_kernel(now=True)
-    assert not kernel_processes(rig.ssh.user)  # type: ignore[union-attr]
+    user = rig.ssh.user  # type: ignore[union-attr]
+    assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
 
 
 async def test_queue_wait_logs_progress_and_times_out_leaving_nothing(
@@ -406,3 +409,38 @@ async def test_hostile_slurm_values_are_values(
         assert "slurm" in str(refused.value).lower()
         assert "What to do" in str(refused.value)
     assert list(canaries.iterdir()) == []
+
+
+async def test_nersc_local_on_a_login_node_runs_the_kernel_in_a_job(
+    start_kernel: KernelFactory, rig: Rig
+) -> None:
+    """Jupyter on the login node (here: this machine, as root): sbatch runs locally and
+    the job's node is reached by ssh from here; the module wrapper runs in the step."""
+    lmod = require_lmod()
+    ssh = rig.ssh
+    assert ssh is not None
+    config = {
+        "slurm": {"time": "10"},
+        "identity_file": str(ssh.identity_file),
+        "known_hosts": [str(ssh.known_hosts)],
+        "ssh_config": "",
+        "module_use": [str(lmod.modulepath)],
+        "modules": ["nersc-test/1.0"],
+    }
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    km = await start_kernel(config, argv=argv)  # provisioner: nersc-local
+    job_id = job_of(km.provisioner._in_job)  # type: ignore[union-attr]
+    kc = await ready_client(km)
+    try:
+        code = "import os; print(os.environ['SLURM_JOB_ID'], os.environ['NERSC_TEST_MODULE'])"
+        result = await run_cell(kc, code)
+        assert result.stdout.split() == [job_id, "nersc-test-1.0"]
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        result = await run_cell(kc, "import os; print(os.environ['SLURM_JOB_ID'])")
+        assert result.stdout.strip() == job_id  # the same allocation
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+    assert await wait_until(lambda: not job_rows("root", job_id), 30), job_rows("root", job_id)
+    assert job_state(job_id) in ("CANCELLED", "")

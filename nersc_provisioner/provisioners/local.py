@@ -13,6 +13,7 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from traitlets import List, Unicode
 
 from ..errors import LaunchTimeout
 from ..launchers.wrapper import (
@@ -59,7 +60,87 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     provisioner_name = "nersc-local"
 
+    # Used only with `slurm`: the ssh from this (login) node into the job's node.
+    identity_file = Unicode(
+        help="With slurm: the key for the ssh into the job's node ('' : ~/.ssh/config, "
+        "else ssh's default keys)."
+    ).tag(config=True)
+    known_hosts = List(
+        Unicode(),
+        help="With slurm: known_hosts files for the job's nodes (default ~/.ssh/known_hosts; "
+        "/etc/ssh/ssh_known_hosts is always read).",
+    ).tag(config=True)
+    ssh_config = Unicode(
+        "~/.ssh/config", help="With slurm: ssh config file to honour for the job's nodes."
+    ).tag(config=True)
+
     _setup: EnvironmentSetup | None = None
+    #: With ``slurm``, the kernel runs in a job step; this does the work.
+    _in_job: Any = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.slurm:
+            from .remote import NERSCLoginNodeSlurm  # here: remote.py imports this module
+
+            settings = {key: getattr(self, key) for key in self.config_keys()}
+            self._in_job = NERSCLoginNodeSlurm(
+                kernel_id=kwargs.get("kernel_id"),
+                kernel_spec=kwargs.get("kernel_spec"),
+                parent=kwargs.get("parent"),
+                **settings,
+            )
+
+    # --- with slurm: everything goes to the job-step provisioner ---------------------
+
+    @property
+    def has_process(self) -> bool:
+        if self._in_job is not None:
+            return bool(self._in_job.has_process)
+        return bool(super().has_process)
+
+    async def poll(self) -> int | None:
+        if self._in_job is not None:
+            return await self._in_job.poll()  # type: ignore[no-any-return]
+        return await super().poll()
+
+    async def send_signal(self, signum: int) -> None:
+        if self._in_job is not None:
+            return await self._in_job.send_signal(signum)  # type: ignore[no-any-return]
+        return await super().send_signal(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self._in_job is not None:
+            return await self._in_job.kill(restart)  # type: ignore[no-any-return]
+        return await super().kill(restart)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self._in_job is not None:
+            return await self._in_job.terminate(restart)  # type: ignore[no-any-return]
+        return await super().terminate(restart)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        if self._in_job is not None:
+            return await self._in_job.shutdown_requested(restart)  # type: ignore[no-any-return]
+        return await super().shutdown_requested(restart)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        if self._in_job is not None:
+            return float(self._in_job.get_shutdown_wait_time(recommended))
+        return float(super().get_shutdown_wait_time(recommended))
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        if self._in_job is not None:
+            return await self._in_job.get_provisioner_info()  # type: ignore[no-any-return]
+        return await super().get_provisioner_info()
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        if self._in_job is not None:
+            await self._in_job.load_provisioner_info(provisioner_info)
+            self.connection_info = self._in_job.connection_info
+            return
+        await super().load_provisioner_info(provisioner_info)
+
     _session_id: int | None = None
     _launch_cwd: str | None = None
 
@@ -74,6 +155,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     def launch_plan(self) -> LaunchPlan:
         """The wrapper and command a start would run, without running it (for ``show``)."""
+        if self._in_job is not None:
+            return self._in_job.launch_plan()  # type: ignore[no-any-return]
         setup = self.environment_setup(mounts=self._mounts())
         spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
         spec_argv = spec_argv or list(DEFAULT_KERNEL_ARGV)
@@ -89,6 +172,10 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         )
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        if self._in_job is not None:
+            kwargs = await self._in_job.pre_launch(**kwargs)
+            self.connection_info = self._in_job.connection_info
+            return kwargs
         if self.kernel_spec is not None and not self.kernel_spec.argv:
             self.kernel_spec.argv = list(DEFAULT_KERNEL_ARGV)
         kwargs = await super().pre_launch(**kwargs)
@@ -115,6 +202,10 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         return path.resolve().as_posix() if path.exists() else None
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        if self._in_job is not None:
+            info = await self._in_job.launch_kernel(cmd, **kwargs)
+            self.connection_info = info
+            return info  # type: ignore[no-any-return]
         setup = self._setup
         if setup is None or not setup.needed:
             self._popen(cmd, **kwargs)
@@ -161,6 +252,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit: woken by the exit itself, not a 100 ms poll."""
+        if self._in_job is not None:
+            return await self._in_job.wait()  # type: ignore[no-any-return]
         process = self.process
         if process is None:
             return 0
@@ -194,6 +287,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             cleanup_connection_file()
 
     async def cleanup(self, restart: bool = False) -> None:
+        if self._in_job is not None:
+            await self._in_job.cleanup(restart=restart)
+            return
         await super().cleanup(restart=restart)
         if self._session_id is not None and self.process is None:
             leftovers = await asyncio.to_thread(reap_session, self._session_id)

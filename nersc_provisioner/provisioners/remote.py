@@ -37,7 +37,14 @@ from ..launchers.remote import (
 from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
 from ..shell import join
-from ..slurm.allocation import AllocationError, JobStatus, SlurmAllocation, script_runner
+from ..slurm.allocation import (
+    AllocationError,
+    JobStatus,
+    Runner,
+    SlurmAllocation,
+    local_runner,
+    script_runner,
+)
 from ..slurm.commands import holder_argv
 from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
@@ -87,6 +94,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     provisioner_name = "nersc-remote"
     system: ClassVar[System] = System(name="remote", host="")
+    #: True when Jupyter itself runs on the login node (``nersc-local`` with ``slurm``):
+    #: Slurm commands run here, and the job's node is reached by ssh from here.
+    login_is_local: ClassVar[bool] = False
 
     host = Unicode(help="Host to log in to (an ~/.ssh/config alias works).").tag(config=True)
     user = Unicode(help="User name on the host ('' : from ~/.ssh/config or local).").tag(
@@ -246,16 +256,17 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def _connection(self) -> SSHConnection:
         """The connection to where the kernel runs (in Slurm mode, after the allocation)."""
-        login = await self._login_connection()
         if not self.in_slurm:
+            login = await self._login_connection()
             self._conn, self._target = login, self._login_target
             return login
-        job = await self._ensure_allocation(login)
-        target = self._node_target(job.node_addr)
+        via = None if self.login_is_local else await self._login_connection()
+        job = await self._ensure_allocation(via)
+        target = await in_thread(self._node_target, job.node_addr)
         if self._conn is not None and self._target != target:
             await self._release_node_connection()
         if self._conn is None:
-            self._conn, self._target = ConnectionPool.get(target, via=login), target
+            self._conn, self._target = ConnectionPool.get(target, via=via), target
         conn = self._conn
         try:
             await in_thread(conn.open)
@@ -266,6 +277,17 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     def _node_target(self, address: str) -> SSHTarget:
         """A job's node, as the login node's user and keys reach it (from the login node)."""
+        if self.login_is_local:
+            # From this machine, as ssh would reach it (~/.ssh/config, default keys).
+            target = resolve_target(
+                address,
+                user=self.user,
+                identity_file=self.identity_file,
+                ssh_config=self.ssh_config or None,
+                known_hosts=self.known_hosts,
+            )
+            known = tuple(dict.fromkeys((*target.known_hosts, SYSTEM_KNOWN_HOSTS)))
+            return replace(target, known_hosts=known)
         login = self._login_target
         if login is None:
             raise SSHConnectError("the login node connection is not open")
@@ -295,7 +317,17 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     # --- Slurm ------------------------------------------------------------------
 
-    async def _ensure_allocation(self, login: SSHConnection) -> SlurmJob:
+    def _slurm_runner(self, login: SSHConnection | None) -> Runner:
+        """How Slurm commands run: here, or on the login node over its connection."""
+        if login is None:
+            return local_runner
+
+        def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
+            return login.run_script(script, timeout=timeout)
+
+        return script_runner(run)
+
+    async def _ensure_allocation(self, login: SSHConnection | None) -> SlurmJob:
         """A running allocation for the kernel: the one we hold, or a new one (with a wait)."""
         options = self.slurm_options()
         alloc, job = self._allocation, self._job
@@ -326,10 +358,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 ended,
             )
 
-        def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
-            return login.run_script(script, timeout=timeout)
-
-        alloc = SlurmAllocation(options, runner=script_runner(run), logger=self.log)
+        alloc = SlurmAllocation(options, runner=self._slurm_runner(login), logger=self.log)
         self._allocation = alloc
         self._pending = True
         started = time.monotonic()
@@ -743,13 +772,11 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         slurm_job = provisioner_info.get("slurm_job")
         if slurm_job:
             self._job = SlurmJob(**slurm_job)
-            login = await self._login_connection()
-
-            def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
-                return login.run_script(script, timeout=timeout)
-
+            login = None if self.login_is_local else await self._login_connection()
             options = replace(self.slurm_options(), job_id=self._job.job_id)
-            self._allocation = SlurmAllocation(options, runner=script_runner(run), logger=self.log)
+            self._allocation = SlurmAllocation(
+                options, runner=self._slurm_runner(login), logger=self.log
+            )
             self._allocation.owned = self._job.owned
         conn = await self._connection()
         self.remote.seen_reconnects = conn.reconnects
@@ -777,6 +804,22 @@ def _allocate(alloc: SlurmAllocation, queue_timeout: float) -> tuple[str, str]:
         if alloc.owned:
             alloc.cancel(force=True)
         raise
+
+
+class NERSCLoginNodeSlurm(NERSCRemoteProvisioner):
+    """``nersc-local`` with ``slurm``: Jupyter runs on the login node itself.
+
+    :class:`~.local.NERSCLocalProvisioner` hands a kernel with a ``slurm`` section to
+    this: ``sbatch``/``squeue``/``scancel`` run here, and the job's node is reached
+    by ssh from here, as for ``nersc-cori`` from its login node.
+    """
+
+    provisioner_name = "nersc-local"
+    login_is_local = True
+
+    @default("host")
+    def _default_host(self) -> str:
+        return "localhost"  # not contacted: Slurm commands run locally
 
 
 class NERSCCoriProvisioner(NERSCRemoteProvisioner):
