@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ import pytest
 
 from nersc_provisioner.errors import ConfigError
 from nersc_provisioner.provisioners import NERSCCoriProvisioner
-from nersc_provisioner.slurm import AllocationError, QueueTimeout
+from nersc_provisioner.slurm import AllocationError, JobState, QueueTimeout
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
 from tests.rig import Rig, require_compute_node, require_lmod
@@ -64,12 +68,15 @@ def queue(user: str = "") -> list[tuple[str, str, str]]:
     return rows  # type: ignore[return-value]
 
 
-def kernel_processes(user: str) -> list[str]:
+def kernel_processes(user: str, *, agents: bool = True) -> list[str]:
+    """Command lines of ``user``'s kernels, watchdogs, sruns (and our ssh agents)."""
     found = []
     for proc in psutil.process_iter(["username", "cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["username"] != user:
             continue
         line = " ".join(proc.info["cmdline"] or [])
+        if "npr-agent" in line and not agents:
+            continue
         if any(mark in line for mark in ("ipykernel", "npr-watchdog", "srun")):
             found.append(line)
     return found
@@ -444,3 +451,109 @@ async def test_nersc_local_on_a_login_node_runs_the_kernel_in_a_job(
     await km.shutdown_kernel()
     assert await wait_until(lambda: not job_rows("root", job_id), 30), job_rows("root", job_id)
     assert job_state(job_id) in ("CANCELLED", "")
+
+
+async def test_silent_controller_means_unknown_not_dead(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
+) -> None:
+    """slurmctld stopped while a kernel runs in a job: the state reads UNKNOWN, the
+    kernel is alive all along and keeps its variables; then the controller is back."""
+    pidfile = rig.directory / "slurmctld.pid"
+    km = await start_kernel(config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    try:
+        await run_cell(kc, "x = 41")
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        try:
+            assert await wait_until(lambda: not psutil.pid_exists(pid), 20)
+            status = await km.provisioner._job_status()  # type: ignore[union-attr]
+            assert status is not None
+            assert status.state is JobState.UNKNOWN
+            assert await km.is_alive()
+            result = await run_cell(kc, "x += 1; print(x)")
+            assert result.stdout.strip() == "42"
+        finally:
+            subprocess.run(["slurmctld"], check=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+                if "UP" in ping.stdout:
+                    break
+                await asyncio.sleep(0.5)
+        status = await km.provisioner._job_status()  # type: ignore[union-attr]
+        assert status is not None
+        assert status.state is JobState.RUNNING
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+
+
+REATTACH_AND_SHUT_DOWN = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    async def main():
+        info = json.loads(sys.stdin.read())
+        km = AsyncKernelManager(kernel_name=info["kernel_name"])
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            info["kernel_id"], km.kernel_spec, parent=km
+        )
+        await provisioner.load_provisioner_info(info["provisioner"])
+        km.provisioner = provisioner
+        km.kernel_id = info["kernel_id"]
+        km.load_connection_info(provisioner.connection_info)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=30)
+        out = []
+        await kc.execute_interactive(
+            "import os; print(secret, os.environ['SLURM_JOB_ID'])", timeout=30,
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+        )
+        kc.stop_channels()
+        print("REATTACHED", "".join(out).strip(), flush=True)
+        await km.shutdown_kernel()
+        print("SHUT DOWN", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_reattach_from_a_second_process_then_shut_down_there(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
+) -> None:
+    """The job travels with get/load_provisioner_info; the second process's shutdown
+    cancels the job the first one submitted."""
+    user = rig.ssh.user  # type: ignore[union-attr]
+    km = await start_kernel(config, name="reattach-job", provisioner="nersc-cori")
+    job_id = job_of(km)
+    kc = await ready_client(km)
+    await run_cell(kc, "secret = 'kept'")
+    kc.stop_channels()
+    info = await km.provisioner.get_provisioner_info()  # type: ignore[union-attr]
+    assert info["slurm_job"]["job_id"] == job_id
+    payload = json.dumps(
+        {"kernel_name": "reattach-job", "kernel_id": km.kernel_id, "provisioner": info}
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        REATTACH_AND_SHUT_DOWN,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(payload.encode()), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert f"REATTACHED kept {job_id}" in out.decode()
+    assert "SHUT DOWN" in out.decode()
+    assert await wait_until(lambda: not job_rows(user, job_id), 30), job_rows(user, job_id)
+    # (this process's manager still holds its connections, so their agents remain)
+    left = lambda: kernel_processes(user, agents=False)  # noqa: E731
+    assert await wait_until(lambda: not left(), 15), left()
