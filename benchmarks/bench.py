@@ -52,6 +52,14 @@ def rig_config() -> dict[str, Any] | None:
     }
 
 
+def rig_has_compute_node() -> bool:
+    """True if the rig's Slurm node can be reached by ssh (Slurm mode can be measured)."""
+    try:
+        return bool(json.loads(RIG.read_text())["slurm"].get("node_addr"))
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def quantiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -251,6 +259,13 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"no test rig ({RIG}): nersc-cori rows skipped", file=sys.stderr)
         else:
             configs["nersc-cori (rig sshd)"] = ("nersc-cori", remote)
+            if rig_has_compute_node():
+                # A start includes sbatch and the queue wait; a restart is a new step
+                # in the same job.  Each kernel holds its own job (1 CPU of the node's 2).
+                configs["nersc-cori (Slurm job)"] = (
+                    "nersc-cori",
+                    {**remote, "slurm": {"time": "30"}},
+                )
         results: dict[str, dict[str, Any]] = {}
         names = {}
         for index, (label, (provisioner, config)) in enumerate(configs.items()):

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from nersc_provisioner.errors import ConfigError
+from nersc_provisioner.errors import ConfigError, UnknownHostKeyError
 from nersc_provisioner.provisioners import NERSCCoriProvisioner
 from nersc_provisioner.slurm import AllocationError, JobState, QueueTimeout
 from tests.conftest import KernelFactory
@@ -557,3 +557,32 @@ async def test_reattach_from_a_second_process_then_shut_down_there(
     # (this process's manager still holds its connections, so their agents remain)
     left = lambda: kernel_processes(user, agents=False)  # noqa: E731
     assert await wait_until(lambda: not left(), 15), left()
+
+
+async def test_unknown_node_host_key_fails_clearly_and_cancels_the_job(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, tmp_path: Path
+) -> None:
+    """Host keys are verified for the job's node too; a failure leaves no job behind."""
+    ssh, slurm = rig.ssh, rig.slurm
+    assert ssh is not None
+    assert slurm is not None
+    user = ssh.user
+    login_only = tmp_path / "known_hosts"
+    login_only.write_text(
+        "".join(
+            line + "\n"
+            for line in ssh.known_hosts.read_text().splitlines()
+            if line.split(" ", 1)[0] != slurm.node_addr
+        )
+    )
+    assert slurm.node_addr not in login_only.read_text()
+    submitted_before = {row[0] for row in queue(user)}
+    with pytest.raises(UnknownHostKeyError) as info:
+        await start_kernel({**config, "known_hosts": [str(login_only)]}, provisioner="nersc-cori")
+    assert slurm.node_addr in str(info.value)
+    assert "SHA256:" in str(info.value)
+    await asyncio.sleep(1)
+    left = [row for row in queue(user) if row[0] not in submitted_before]
+    assert await wait_until(
+        lambda: not [r for r in queue(user) if r[0] not in submitted_before], 15
+    ), left
