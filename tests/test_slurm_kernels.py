@@ -586,3 +586,21 @@ async def test_unknown_node_host_key_fails_clearly_and_cancels_the_job(
     assert await wait_until(
         lambda: not [r for r in queue(user) if r[0] not in submitted_before], 15
     ), left
+
+
+async def test_kept_allocation_stays_after_shutdown(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    km = await start_kernel(
+        {**config, "slurm": {"time": "10", "keep": True}}, provisioner="nersc-cori"
+    )
+    job_id = job_of(km)
+    try:
+        await km.shutdown_kernel()
+        await asyncio.sleep(1)
+        assert job_state(job_id) == "RUNNING"
+        kept = [r.getMessage() for r in caplog.records if "left running" in r.getMessage()]
+        assert any(job_id in m and "keep" in m for m in kept), kept
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
