@@ -49,6 +49,9 @@ examples:
       --slurm-constraint gpu --slurm-qos interactive --slurm-gpus 1 --slurm-time 1:00:00 \\
       --slurm-account m1234 --slurm-arg=--mem=8G
   python -m nersc_provisioner check pm-gpu
+  python -m nersc_provisioner install --user --name job-here \
+      --slurm-qos interactive --slurm-constraint cpu --slurm-time 30 --identity-file ~/.ssh/nersc
+  (the last: Jupyter on a login node itself; sbatch runs there, the node is reached by ssh)
   python -m nersc_provisioner list
   python -m nersc_provisioner show py-mods
   python -m nersc_provisioner remove py-mods
@@ -153,17 +156,29 @@ def _parser() -> argparse.ArgumentParser:
         help="the whole kernel command, shell-style; must contain {connection_file}",
     )
     remote = install.add_argument_group(
-        "remote host (nersc-cori, nersc-perlmutter); defaults come from ~/.ssh/config"
+        "remote host (nersc-cori, nersc-perlmutter); defaults come from ~/.ssh/config",
+        "--identity-file, --ssh-config and --known-hosts also apply to nersc-local with "
+        "--slurm-* flags: there they are for the ssh from this machine into the job's node.",
     )
     remote.add_argument("--host", help="host or ~/.ssh/config alias (default: the system's)")
     remote.add_argument("--remote-user", help="user name on the host")
     remote.add_argument("--ssh-port", type=int, help="SSH port")
     remote.add_argument(
-        "--identity-file", help="private key (its -cert.pub is used too; NERSC: ~/.ssh/nersc)"
+        "--identity-file",
+        help="private key (its -cert.pub is used too; NERSC: ~/.ssh/nersc); nersc-local with "
+        "Slurm: the key for the job's node",
     )
-    remote.add_argument("--ssh-config", help="ssh config file ('' to ignore ~/.ssh/config)")
     remote.add_argument(
-        "--known-hosts", action="append", default=[], help="known_hosts file (repeatable)"
+        "--ssh-config",
+        help="ssh config file ('' to ignore ~/.ssh/config); nersc-local with Slurm: for the "
+        "job's node",
+    )
+    remote.add_argument(
+        "--known-hosts",
+        action="append",
+        default=[],
+        help="known_hosts file (repeatable); nersc-local with Slurm: for the job's node "
+        "(/etc/ssh/ssh_known_hosts is read too)",
     )
     remote.add_argument("--remote-python", help="the Python on the host that runs ipykernel")
     remote.add_argument("--remote-cwd", help="directory the kernel starts in on the host")
@@ -174,11 +189,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     slurm = install.add_argument_group(
         "Slurm: run the kernel as a step of a Slurm job on a compute node",
-        "With any of these (remote provisioners only), the kernel does not run on the login "
-        "node: a job is submitted there (sbatch), and once it runs the kernel starts in it as "
-        "an `srun --overlap` step on its first node. The job is cancelled when the kernel "
-        "shuts down (unless --slurm-keep or --slurm-job-id). Each value reaches sbatch as one "
-        "argument, never through a shell.",
+        "With any of these, the kernel does not run on the login node: a job is submitted "
+        "there (sbatch), and once it runs the kernel starts in it as an `srun --overlap` step "
+        "on its first node. The job is cancelled when the kernel shuts down (unless "
+        "--slurm-keep or --slurm-job-id). Each value reaches sbatch as one argument, never "
+        "through a shell. With nersc-cori or nersc-perlmutter, sbatch runs on that login node "
+        "over ssh and the node is reached through that connection; with nersc-local (Jupyter "
+        "running on a login node itself), sbatch runs here and the node is reached by ssh from "
+        "here (see --identity-file, --known-hosts, --ssh-config).",
     )
     for flag, metavar, text in _SLURM_FLAGS:
         slurm.add_argument(
@@ -213,8 +231,9 @@ def _parser() -> argparse.ArgumentParser:
         "--queue-timeout",
         type=float,
         metavar="SECONDS",
-        help="seconds the job may wait in the queue before it is cancelled and the start fails "
-        "(default 900; separate from --launch-timeout)",
+        help="seconds the job may wait in the queue before the start fails and the job is "
+        "cancelled (a --slurm-job-id job is left as it is) (default 900; separate from "
+        "--launch-timeout)",
     )
     how.add_argument(
         "--no-check",
@@ -228,7 +247,10 @@ def _parser() -> argparse.ArgumentParser:
         help="diagnose an installed kernel spec step by step, with timings",
         description="Resolve the ssh config, connect, verify the host key, check the "
         "certificate, check the Python, ipykernel and modules, start the kernel and run a "
-        "cell. Each step is timed; a failing step says what failed and how to fix it.",
+        "cell. With a slurm section: submit the job, wait in the queue, ssh into its node, "
+        "probe the Python in a job step, start the kernel in the job, and cancel the job the "
+        "check submitted (for nersc-local, sbatch runs here and there is no login step). "
+        "Each step is timed; a failing step says what failed and how to fix it.",
     )
     check.add_argument("name")
 
@@ -269,32 +291,27 @@ def _install(args: argparse.Namespace) -> int:
         "cwd": args.cwd,
         "launch_timeout": args.launch_timeout,
     }
+    slurm = _slurm_config(args)
+    node_ssh = {
+        "identity_file": args.identity_file,
+        "ssh_config": args.ssh_config,
+        "known_hosts": args.known_hosts,
+    }
     if args.provisioner != "nersc-local":
         config.update(
             {
                 "host": args.host,
                 "user": args.remote_user,
                 "port": args.ssh_port,
-                "identity_file": args.identity_file,
-                "ssh_config": args.ssh_config,
-                "known_hosts": args.known_hosts,
+                **node_ssh,
                 "remote_python": args.remote_python,
                 "remote_cwd": args.remote_cwd,
                 "lease_timeout": args.lease_timeout,
             }
         )
-    elif args.host or args.remote_python:
-        raise ConfigError(
-            "--host and --remote-* flags need a remote provisioner",
-            hint="add --provisioner nersc-perlmutter (or nersc-cori)",
-        )
-    slurm = _slurm_config(args)
-    if args.provisioner == "nersc-local" and (slurm or args.queue_timeout is not None):
-        raise ConfigError(
-            "--slurm-* and --queue-timeout flags need a remote provisioner: the job is "
-            "submitted on the login node",
-            hint="add --provisioner nersc-perlmutter (or nersc-cori)",
-        )
+    else:
+        _refuse_remote_flags(args, slurm)
+        config.update(node_ssh)
     if slurm:
         config["slurm"] = slurm
     if args.queue_timeout is not None:
@@ -317,6 +334,9 @@ def _install(args: argparse.Namespace) -> int:
         argv=kernel_argv,
         env=dict(args.env),
     )
+    if args.ssh_config == "":
+        # build_kernel_spec leaves out empty values; here '' means "ignore ~/.ssh/config".
+        spec["metadata"]["kernel_provisioner"]["config"]["ssh_config"] = ""
     if args.modules and not args.no_check and args.provisioner == "nersc-local":
         unknown = missing_modules(args.modules, args.module_init or "auto", args.module_use)
         if unknown:
@@ -330,6 +350,44 @@ def _install(args: argparse.Namespace) -> int:
     )
     print(f"Installed kernel spec {name} in {path}")
     return 0
+
+
+def _refuse_remote_flags(args: argparse.Namespace, slurm: dict[str, Any]) -> None:
+    """nersc-local: no remote-host flags; the node's ssh flags only with --slurm-*."""
+    remote = [
+        flag
+        for flag, value in (
+            ("--host", args.host),
+            ("--remote-user", args.remote_user),
+            ("--ssh-port", args.ssh_port),
+            ("--remote-python", args.remote_python),
+            ("--remote-cwd", args.remote_cwd),
+            ("--lease-timeout", args.lease_timeout),
+        )
+        if value is not None
+    ]
+    if remote:
+        raise ConfigError(
+            f"{', '.join(remote)}: the remote host flags need a remote provisioner",
+            hint="add --provisioner nersc-perlmutter (or nersc-cori); for a kernel on this "
+            "machine use --python, --cwd and --launch-timeout",
+        )
+    node = [
+        flag
+        for flag, value in (
+            ("--identity-file", args.identity_file),
+            ("--ssh-config", args.ssh_config),
+            ("--known-hosts", args.known_hosts or None),
+        )
+        if value is not None
+    ]
+    if node and not slurm:
+        raise ConfigError(
+            f"{', '.join(node)}: with nersc-local, the ssh flags are for the ssh into a Slurm "
+            "job's node, so they need --slurm-* flags",
+            hint="add the --slurm-* flags of the job (e.g. --slurm-qos interactive), or "
+            "--provisioner nersc-perlmutter (or nersc-cori) for a kernel on a remote login node",
+        )
 
 
 def _slurm_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,10 @@ For a spec with a ``slurm`` section, the login is followed by: submit the job
 into its node through the login connection, probe the Python in an ``srun``
 step, and start the kernel in that job.  A job the check submitted is always
 cancelled at the end, whatever happened; the user's own ``job_id`` never is.
+
+For ``nersc-local`` with ``slurm`` (Jupyter on the login node itself) there is
+no login: the Slurm commands run here and the node is reached by ssh from here,
+with the provisioner's own job-step half (``_in_job``) doing the resolving.
 """
 
 from __future__ import annotations
@@ -25,18 +29,17 @@ from jupyter_client.manager import AsyncKernelManager
 from .errors import NERSCProvisionerError, SSHConnectError, tail
 from .kernelspec import get_kernel_spec, provisioner_class
 from .launchers.remote import build_probe_script
-from .provisioners.local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
+from .provisioners.local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES, NERSCLocalProvisioner
 from .provisioners.remote import SSH_EXECUTOR, NERSCRemoteProvisioner, in_thread
 from .shell import join, quote
 from .slurm.allocation import (
-    POLL_EVERY,
     AllocationError,
     JobStatus,
+    Runner,
     SlurmAllocation,
     script_runner,
 )
 from .slurm.commands import step_argv
-from .slurm.states import JobState
 from .transports.local import run_command
 from .transports.ssh import (
     SSHLogin,
@@ -128,9 +131,26 @@ class Checker:
     # --- the steps ----------------------------------------------------------------
 
     def _remote(self) -> NERSCRemoteProvisioner:
-        if not isinstance(self.provisioner, NERSCRemoteProvisioner):
+        """The provisioner that does the ssh and Slurm work: nersc-local's job-step half."""
+        provisioner = self.provisioner
+        if isinstance(provisioner, NERSCLocalProvisioner) and provisioner._in_job is not None:
+            in_job: NERSCRemoteProvisioner = provisioner._in_job
+            return in_job
+        if not isinstance(provisioner, NERSCRemoteProvisioner):
             raise CheckFailed("not a remote kernel spec")
-        return self.provisioner
+        return provisioner
+
+    @property
+    def login_is_local(self) -> bool:
+        """Slurm commands run here and the node is reached from here (nersc-local)."""
+        return isinstance(self.provisioner, NERSCLocalProvisioner) and self.in_slurm
+
+    @property
+    def in_slurm(self) -> bool:
+        provisioner = self.provisioner
+        if isinstance(provisioner, NERSCLocalProvisioner):
+            return provisioner._in_job is not None
+        return isinstance(provisioner, NERSCRemoteProvisioner) and provisioner.in_slurm
 
     def _target(self) -> SSHTarget:
         if self.target is None:
@@ -219,49 +239,29 @@ class Checker:
         result: T = await asyncio.wrap_future(future)
         return result
 
-    async def submit(self) -> str:
-        remote = self._remote()
-        options = remote.slurm_options()
+    def _slurm_runner(self) -> Runner:
+        """Slurm commands: here (nersc-local), or on the login node over the check's login."""
+        if self.login_is_local:
+            return self._remote()._slurm_runner(None)
         transport = self._transport()
 
         def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
             return exec_script(transport, script, timeout=timeout)
 
-        alloc = SlurmAllocation(options, runner=script_runner(run), logger=self.progress)
+        return script_runner(run)
+
+    async def submit(self) -> str:
+        options = self._remote().slurm_options()
+        alloc = SlurmAllocation(options, runner=self._slurm_runner(), logger=self.progress)
         self.allocation = alloc
         job_id = await self._slurm(alloc.submit)
         if not alloc.owned:
             status = await self._slurm(alloc.status)
             return (
                 f"attached to your job {job_id} ({status.state.value}); "
-                "it is left running afterwards"
+                "the check leaves it as it is"
             )
         return f"job {job_id} submitted: sbatch {join(options.flags())}"
-
-    def _wait_attached(self, alloc: SlurmAllocation, timeout: float) -> JobStatus:
-        """Wait for the user's own job; unlike wait_running, never cancel it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = alloc.status()
-            if status.state is JobState.RUNNING:
-                return status
-            if status.state.terminal:
-                raise AllocationError(
-                    f"your Slurm job {alloc.job_id} is {status.state.value}, not usable",
-                    hint="start a new allocation and set job_id to it, or remove job_id",
-                )
-            if alloc.stop.is_set():
-                raise AllocationError(
-                    f"the wait for your Slurm job {alloc.job_id} was stopped; it is left alone",
-                    hint="run the check again when you want it",
-                )
-            if time.monotonic() >= deadline:
-                raise AllocationError(
-                    f"your Slurm job {alloc.job_id} is still {status.state.value} "
-                    f"(reason: {status.reason or 'none'}) after {timeout:.0f} s; left alone",
-                    hint="check again when it runs (`squeue --me`), or raise queue_timeout",
-                )
-            alloc.stop.wait(POLL_EVERY)
 
     async def queue_wait(self) -> str:
         alloc = self._allocation()
@@ -269,10 +269,9 @@ class Checker:
         started = time.monotonic()
         self.progress.waiting = True
         try:
-            if alloc.owned:
-                status = await self._slurm(lambda: alloc.wait_running(timeout))
-            else:
-                status = await self._slurm(lambda: self._wait_attached(alloc, timeout))
+            # A job the check submitted is cancelled on a timeout or a stop; the user's own
+            # job_id is left as it is.
+            status = await self._slurm(lambda: alloc.wait_running(timeout))
         finally:
             self.progress.waiting = False
         waited = time.monotonic() - started
@@ -285,20 +284,28 @@ class Checker:
 
     async def node_ssh(self) -> str:
         remote = self._remote()
-        # The node as the kernel reaches it: the login node's user, keys and known_hosts
-        # (plus the system's), through the login connection.
-        remote._login_target = self._target()
-        target = remote._node_target(self.node_addr)
-        if self.login is None:
-            raise SSHConnectError("not connected to the login node")
-        via = self.login.client
-        self.node_login = await in_thread(lambda: connect_through(target, via))
+        if self.login_is_local:
+            # As the kernel reaches it: directly from here, with identity_file, known_hosts
+            # and ssh_config (plus the system's known_hosts).
+            target = await in_thread(remote._node_target, self.node_addr)
+            self.node_login = await in_thread(connect, target)
+            how = f"directly from here; keys: {', '.join(target.identity_files) or 'default'}"
+        else:
+            # The login node's user, keys and known_hosts (plus the system's), through the
+            # login connection.
+            remote._login_target = self._target()
+            target = remote._node_target(self.node_addr)
+            if self.login is None:
+                raise SSHConnectError("not connected to the login node")
+            via = self.login.client
+            self.node_login = await in_thread(lambda: connect_through(target, via))
+            how = "through the login node"
         transport = self.node_login.client.get_transport()
         if transport is None:
             raise SSHConnectError(f"the connection to {target.label} closed at once")
         key = transport.get_remote_server_key()
         return (
-            f"{self.node} ({self.node_addr}) as {target.user}, through the login node; "
+            f"{self.node} ({self.node_addr}) as {target.user}, {how}; "
             f"host key {key.get_name()} {fingerprint(key)} matches known_hosts"
         )
 
@@ -337,7 +344,8 @@ class Checker:
                 )
             raise AllocationError(
                 f"could not cancel Slurm job {alloc.job_id}",
-                hint=f"cancel it yourself: `scancel {alloc.job_id}` on the login node",
+                hint=f"cancel it yourself: `scancel {alloc.job_id}`"
+                + ("" if self.login_is_local else " on the login node"),
             )
         return f"job {alloc.job_id}, submitted by this check, cancelled"
 
@@ -362,7 +370,8 @@ class Checker:
     def finish_now(self) -> None:
         """The last resort after an interrupt: cancel our job, close the connections."""
         alloc = self.allocation
-        if alloc is not None and alloc.owned and not self.job_ended and self.login is not None:
+        reachable = self.login is not None or self.login_is_local  # where scancel runs
+        if alloc is not None and alloc.owned and not self.job_ended and reachable:
             self.job_ended = True
             alloc.cancel(force=True)
         self._close()
@@ -410,13 +419,11 @@ class Checker:
         )
 
     async def _steps(self) -> None:
-        provisioner = self.provisioner
-        remote = isinstance(provisioner, NERSCRemoteProvisioner)
-        if remote:
+        if isinstance(self.provisioner, NERSCRemoteProvisioner):
             await self.step("resolve ssh config", self.resolve)
             await self.step("check certificate expiry", self.certificate)
             await self.step("connect and verify host key", self.connect)
-        if isinstance(provisioner, NERSCRemoteProvisioner) and provisioner.in_slurm:
+        if self.in_slurm:
             await self.step("submit", self.submit)
             await self.step("queue wait", self.queue_wait)
             await self.step("node ssh", self.node_ssh)
@@ -424,7 +431,7 @@ class Checker:
             if self.node_login is not None:
                 self.node_login.close()
                 self.node_login = None
-            # The login connection stays: the job is cancelled through it at the end.
+            # A remote spec keeps its login connection: the job is cancelled through it.
         else:
             await self.step("python, ipykernel and modules", self.python)
             self._close()

@@ -119,9 +119,68 @@ def test_bad_slurm_values_fail_naming_the_flag_and_write_nothing(
     assert not (jupyter_dirs / "kernels" / "bad").exists()
 
 
-def test_slurm_flags_need_a_remote_provisioner(jupyter_dirs: Path) -> None:
-    result = run_cli("install", "--user", "--name", "loc", "--slurm-qos", "debug")
+def test_nersc_local_takes_the_slurm_flags_and_the_node_ssh_flags(jupyter_dirs: Path) -> None:
+    result = run_cli(
+        "install", "--user", "--name", "loc",  # nersc-local: the default
+        "--slurm-qos", "debug", "--slurm-time", "10", "--slurm-arg=--mem=8G",
+        "--queue-timeout", "120", "--identity-file", "/keys/id x",
+        "--known-hosts", "/kh/one", "--known-hosts", "/kh/two", "--ssh-config", "",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    spec = json.loads((jupyter_dirs / "kernels" / "loc" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "nersc-local"
+    assert spec_config(jupyter_dirs, "loc") == {
+        "slurm": {"qos": "debug", "time": "10", "extra_args": ["--mem=8G"]},
+        "queue_timeout": 120.0,
+        "identity_file": "/keys/id x",
+        "known_hosts": ["/kh/one", "/kh/two"],
+        "ssh_config": "",  # '' (ignore ~/.ssh/config) is kept, not dropped as empty
+    }
+    shown = run_cli("show", "loc")
+    assert shown.returncode == 0, shown.stderr
+    assert "--qos=debug" in shown.stdout
+    assert "--mem=8G" in shown.stdout
+
+
+def test_nersc_local_with_only_slurm_flags_writes_no_ssh_keys(jupyter_dirs: Path) -> None:
+    assert main(["install", "--user", "--name", "loc", "--slurm-qos", "debug"]) == 0
+    assert spec_config(jupyter_dirs, "loc") == {"slurm": {"qos": "debug"}}
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--identity-file", "/k"], ["--known-hosts", "/kh"], ["--ssh-config", ""]],
+    ids=["identity-file", "known-hosts", "ssh-config"],
+)
+def test_nersc_local_refuses_the_node_ssh_flags_without_slurm(
+    jupyter_dirs: Path, flags: list[str]
+) -> None:
+    result = run_cli("install", "--user", "--name", "loc", "--queue-timeout", "60", *flags)
     assert result.returncode == 1
+    assert flags[0] in result.stderr
+    assert "need --slurm-* flags" in result.stderr
+    assert "What to do:" in result.stderr
+    assert not (jupyter_dirs / "kernels" / "loc").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--host", "h"],
+        ["--remote-user", "u"],
+        ["--ssh-port", "22"],
+        ["--remote-python", "/p"],
+        ["--remote-cwd", "/d"],
+        ["--lease-timeout", "60"],
+    ],
+    ids=lambda flags: flags[0],
+)
+def test_nersc_local_refuses_the_remote_host_flags_even_with_slurm(
+    jupyter_dirs: Path, flags: list[str]
+) -> None:
+    result = run_cli("install", "--user", "--name", "loc", "--slurm-qos", "debug", *flags)
+    assert result.returncode == 1
+    assert flags[0] in result.stderr
     assert "need a remote provisioner" in result.stderr
     assert "--provisioner nersc-perlmutter" in result.stderr
     assert not (jupyter_dirs / "kernels" / "loc").exists()
@@ -153,9 +212,15 @@ def test_install_help_explains_the_slurm_flags() -> None:
         ("--slurm-job-id", "never cancelled"),
         ("--slurm-keep", "leave the job running"),
         ("--queue-timeout", "wait in the queue"),
+        ("--identity-file", "nersc-local with Slurm: the key for the job's node"),
+        ("--known-hosts", "nersc-local with Slurm: for the job's node"),
+        ("--ssh-config", "nersc-local with Slurm: for the job's node"),
     ]:
         assert flag in help_text
         assert explained in help_text, flag
+    assert "with nersc-local (Jupyter running on a login node itself), sbatch runs here" in (
+        help_text
+    )
 
 
 # --- check against the rig ------------------------------------------------------------
@@ -336,3 +401,76 @@ def test_ctrl_c_during_the_check_cancels_the_job(
     job_id = re.search(r"job (\d+) submitted", output).group(1)  # type: ignore[union-attr]
     assert f"job {job_id}, submitted by this check" in output  # the cancel step ran
     assert gone(user, job_id), job_left(user, job_id)
+
+
+# --- check of a nersc-local spec with slurm (Jupyter on the login node) ---------------------
+
+
+def install_local_rig_spec(rig: Rig, name: str, *extra: str) -> None:
+    """nersc-local with slurm, as root on this machine: sbatch here, ssh to the node."""
+    ssh = rig.ssh
+    assert ssh is not None
+    result = run_cli(
+        "install", "--user", "--name", name, "--python", sys.executable,
+        "--identity-file", str(ssh.identity_file), "--known-hosts", str(ssh.known_hosts),
+        "--ssh-config", "", "--slurm-time", "10", "--queue-timeout", "300", *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.rig
+@pytest.mark.kernel
+def test_check_of_nersc_local_with_slurm_runs_the_steps_here(rig: Rig, jupyter_dirs: Path) -> None:
+    node = rig.slurm.node  # type: ignore[union-attr]
+    node_addr = rig.slurm.node_addr  # type: ignore[union-attr]
+    install_local_rig_spec(rig, "local-slurm-check")
+    checked = run_cli("check", "local-slurm-check", timeout=600)
+    print(checked.stdout)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    steps = steps_of(checked.stdout)
+    assert [s[1] for s in steps] == SLURM_STEPS[3:], checked.stdout  # no login steps
+    assert all(s[0] == "ok" for s in steps), checked.stdout
+    details = {name: detail for _, name, _, detail in steps}
+
+    submitted = re.match(r"job (\d+) submitted: sbatch .*--time=10", details["submit"])
+    assert submitted, details["submit"]
+    job_id = submitted.group(1)
+    assert re.match(rf"job {job_id} running on {node} after", details["queue wait"]), details
+    assert details["node ssh"].startswith(f"{node} ({node_addr}) as root, directly from here")
+    assert str(rig.ssh.identity_file) in details["node ssh"]  # type: ignore[union-attr]
+    assert "SHA256:" in details["node ssh"]
+    assert f"srun step of job {job_id} on {node}" in details["probe in a step"]
+    assert f"on {node} " in details["start kernel and run a cell"]
+    assert f"(in Slurm job {job_id})" in details["start kernel and run a cell"]
+    assert details["cancel the Slurm job"] == f"job {job_id}, submitted by this check, cancelled"
+
+    assert gone("root", job_id), job_left("root", job_id)
+    assert job_state(job_id) in ("CANCELLED", ""), job_state(job_id)
+
+
+@pytest.mark.rig
+def test_check_leaves_the_users_pending_job_in_the_queue_on_timeout(
+    rig: Rig, jupyter_dirs: Path
+) -> None:
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--output=/dev/null", "--time=10", "--begin=now+1hour",
+         "--wrap", "exec sleep infinity"],
+        capture_output=True, text=True, check=True, cwd="/tmp",
+    ).stdout.strip().split(";")[0]  # fmt: skip
+    try:
+        install_local_rig_spec(rig, "local-slurm-mine", "--slurm-job-id", job_id)
+        spec = jupyter_dirs / "kernels" / "local-slurm-mine" / "kernel.json"
+        data = json.loads(spec.read_text())
+        data["metadata"]["kernel_provisioner"]["config"]["queue_timeout"] = 2
+        spec.write_text(json.dumps(data))
+        checked = run_cli("check", "local-slurm-mine", timeout=120)
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        steps = steps_of(checked.stdout)
+        assert [(s[0], s[1]) for s in steps] == [("ok", "submit"), ("FAIL", "queue wait")]
+        assert f"attached to your job {job_id} (PENDING)" in steps[0][3]
+        assert f"your Slurm job {job_id} is still PENDING" in steps[1][3]
+        assert "left in the queue" in steps[1][3]
+        assert "cancel" not in checked.stdout.lower()
+        assert job_state(job_id) == "PENDING"
+    finally:
+        subprocess.run(["scancel", job_id], check=False)

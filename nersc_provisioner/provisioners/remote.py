@@ -215,10 +215,16 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         )
         if self.in_slurm:
             options = self.slurm_options()
+            login = "this machine" if self.login_is_local else self.host
             first = (
                 f"# 1. attach to your Slurm job {options.job_id}"
                 if options.job_id
-                else f"# 1. on {self.host}: {join(holder_argv(options))}"
+                else f"# 1. on {login}: {join(holder_argv(options))}"
+            )
+            how = (
+                "directly from here"
+                if self.login_is_local
+                else f"through the connection to {self.host}"
             )
             step = build_step_script(
                 script, job_id=options.job_id or "0", node="NODE", kernel_id="KERNEL_ID"
@@ -227,7 +233,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 [
                     first,
                     "# 2. wait for it to run (queue_timeout), then ssh to its first node NODE",
-                    f"#    through the connection to {self.host}, and run there:",
+                    f"#    {how}, and run there (on the stdin of one SSH exec):",
                     step if options.job_id else step.replace("--jobid=0", "--jobid=JOB"),
                 ]
             )
