@@ -43,3 +43,7 @@ async def shutdown_quietly(km: AsyncKernelManager) -> None:
     with contextlib.suppress(Exception):
         if km.has_kernel:
             await asyncio.wait_for(km.shutdown_kernel(now=False), 30)
+    # A manager whose start failed still holds the ZeroMQ context it made; closing it
+    # here keeps its ResourceWarning from surfacing in whichever later test collects it.
+    if getattr(km, "_created_context", False):
+        km.context.destroy(linger=0)

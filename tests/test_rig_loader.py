@@ -139,7 +139,7 @@ def test_unavailable_piece_skips_or_fails_on_ci(
 
 
 def test_pieces() -> None:
-    assert PIECES == ("lmod", "ssh", "jump", "slurm")
+    assert PIECES == ("lmod", "ssh", "jump", "slurm", "compute-node")
 
 
 def test_unknown_piece_is_a_programming_error() -> None:

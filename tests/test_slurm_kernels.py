@@ -242,6 +242,9 @@ async def test_time_limit_is_reported_as_timeout(
     ended = [r.getMessage() for r in caplog.records if "has ended" in r.getMessage()]
     assert any(job_id in m and "TIMEOUT" in m for m in ended), ended
     await km.shutdown_kernel(now=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(job_id in m and "had already ended (TIMEOUT)" in m for m in messages)
+    assert not any(f"Slurm job {job_id} cancelled" in m for m in messages)
     user = rig.ssh.user  # type: ignore[union-attr]
     assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
 

@@ -426,19 +426,21 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
         work.add_done_callback(lambda done: SSH_EXECUTOR.submit(release, done))
 
-    async def _job_status(self) -> JobStatus | None:
+    async def _job_status(self, *, settle: bool = False) -> JobStatus | None:
+        """The job's state (UNKNOWN if the controller does not answer); with ``settle``,
+        a job that is ending (COMPLETING) is waited for until its final state shows."""
         alloc = self._allocation
         if alloc is None:
             return None
         try:
-            status: JobStatus = await in_thread(alloc.status)
+            status: JobStatus = await in_thread(alloc.settled_status if settle else alloc.status)
         except NERSCProvisionerError:
             return JobStatus(JobState.UNKNOWN, "the login node does not answer")
         return status
 
     async def _report_job_end(self, kernel_id: str) -> bool:
         """If the kernel's job has ended, say so (once) and return True."""
-        status = await self._job_status()
+        status = await self._job_status(settle=True)
         if status is None or not status.state.terminal:
             return False
         if self._job_end is None:
@@ -461,6 +463,14 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return
         if self._pending:
             alloc.request_stop("the kernel was shut down")
+            return
+        if self._job_end is not None:
+            self.log.info(
+                "%s: Slurm job %s had already ended (%s); nothing to cancel",
+                self.provisioner_name,
+                alloc.job_id,
+                self._job_end.state.value,
+            )
             return
         if await in_thread(alloc.cancel):
             return

@@ -149,6 +149,19 @@ class SlurmAllocation:
             return JobStatus(JobState.GONE)
         return JobStatus(JobState.UNKNOWN, tail(err, 1))
 
+    def settled_status(self, timeout: float = 15.0, *, poll_every: float = 0.5) -> JobStatus:
+        """The job's state, waiting out COMPLETING (a job that is ending) for its final state.
+
+        When a job ends, its steps are killed first; squeue shows COMPLETING until the
+        node is cleaned up, and only then TIMEOUT, CANCELLED, and so on.
+        """
+        deadline = time.monotonic() + timeout
+        status = self.status()
+        while status.state is JobState.COMPLETING and time.monotonic() < deadline:
+            time.sleep(poll_every)
+            status = self.status()
+        return status
+
     def wait_running(self, timeout: float, *, poll_every: float = POLL_EVERY) -> JobStatus:
         """Wait until the job runs, logging progress; cancel it if ``timeout`` passes."""
         started = time.monotonic()
