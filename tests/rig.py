@@ -63,6 +63,8 @@ class SSHRig:
     sshd_config: Path
     remote_python: str = ""
     """Path of a Python with ipykernel on the remote hosts; "" if rig.json predates it."""
+    intruder: str = ""
+    """Another unprivileged user of the same hosts, for the attack tests."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def _ssh(d: dict[str, Any]) -> SSHRig:
         sshd_pidfile=Path(d["sshd_pidfile"]),
         sshd_config=Path(d["sshd_config"]),
         remote_python=str(d.get("remote_python", "")),
+        intruder=str(d.get("intruder", "")),
     )
 
 

@@ -121,6 +121,10 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             "  sleep 0.05",
             "done",
             "grep '_port\"' \"$npr_dir/connection.json\" | sed 's/^/NPR_PORT /'",
+            # The kernel wrote the file back with its ports; an ipykernel that knows
+            # CurveZMQ keeps the curve keys in it, an older one drops them.
+            'if grep -q \'"curve_secretkey"\' "$npr_dir/connection.json"; then echo NPR_CURVE on; '
+            "else echo NPR_CURVE off; fi",
             "echo NPR_DONE",
             *(
                 [
@@ -267,6 +271,7 @@ class LaunchReport:
     died_code: int | None = None
     failure: str = ""
     step_exit: int | None = None  # srun ended before the kernel was up (Slurm mode)
+    curve: bool | None = None  # the kernel kept the CurveZMQ keys (it encrypts)
     other: list[str] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
@@ -285,6 +290,8 @@ class LaunchReport:
             self.done = True
         elif words[:1] == ["NPR_DIED"]:
             self.died_code = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        elif words[:1] == ["NPR_CURVE"]:
+            self.curve = words[1:2] == ["on"]
         elif words[:1] == ["NPR_STEP_EXIT"]:
             self.step_exit = int(words[1]) if len(words) > 1 and words[1].isdigit() else -1
         elif words[:1] == ["NPR_FAIL"]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from traitlets import Bool, Dict, Float, List, TraitError, Unicode, validate
+from traitlets import Bool, CaselessStrEnum, Dict, Float, List, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
@@ -82,6 +82,14 @@ class WrapperOptions(LoggingConfigurable):
         900.0,
         help="Seconds the Slurm job may wait in the queue before it is cancelled "
         "(separate from launch_timeout).",
+    ).tag(config=True)
+
+    transport_encryption = CaselessStrEnum(
+        ["auto", "required", "disabled"],
+        "auto",
+        help="CurveZMQ encryption of the remote kernel's own ZeroMQ sockets: auto (on when "
+        "the remote ipykernel supports it, else a warning), required (refuse a kernel "
+        "without it), disabled. nersc-local without slurm: jupyter_client's own policy.",
     ).tag(config=True)
 
     @validate("slurm")

@@ -22,11 +22,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 
-from ..errors import LaunchTimeout, NERSCProvisionerError, SSHConnectError
+from ..errors import (
+    ConfigError,
+    LaunchError,
+    LaunchTimeout,
+    NERSCProvisionerError,
+    SSHConnectError,
+)
 from ..launchers.remote import (
     PORT_NAMES,
     LaunchReport,
@@ -514,6 +521,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             km.ip = "127.0.0.1"
             for name, listener in listeners.items():
                 setattr(km, name, listener.getsockname()[1])
+            self._provide_curve_keys(km)
             km.write_connection_file()
             self.connection_info = km.get_connection_info()
         self._job_end = None
@@ -532,11 +540,47 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         kwargs["cmd"] = self.kernel_argv()
         return kwargs
 
+    def _provide_curve_keys(self, km: Any) -> None:
+        """Give the manager a CurveZMQ server key pair (kept across restarts), per policy."""
+        policy = self.transport_encryption
+        if policy == "disabled":
+            km.curve_publickey = km.curve_secretkey = None
+            return
+        if not zmq.has("curve"):
+            if policy == "required":
+                raise ConfigError(
+                    "transport_encryption is 'required', but this pyzmq has no CurveZMQ",
+                    hint="install pyzmq from a PyPI wheel (it bundles libsodium), or set "
+                    "transport_encryption to auto",
+                )
+            self.log.warning(
+                "%s: this pyzmq has no CurveZMQ; the kernel's sockets are not encrypted",
+                self.provisioner_name,
+            )
+            return
+        if km.curve_publickey is None or km.curve_secretkey is None:
+            km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+
+    def _drop_curve_keys(self) -> None:
+        """The kernel does not encrypt: stop the clients from expecting it."""
+        km = self.parent
+        if km is None:
+            return
+        km.curve_publickey = km.curve_secretkey = None
+        km._connection_file_written = False  # rewrite it without the curve keys
+        km.write_connection_file()
+        self.connection_info = km.get_connection_info()
+
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         conn, target = self._conn, self._target
         if conn is None or target is None:
             raise SSHConnectError("launch_kernel called before pre_launch")
         key = self.connection_info.get("key", b"")
+        curve = {
+            name: str(self.connection_info[name])
+            for name in ("curve_publickey", "curve_secretkey")
+            if self.connection_info.get(name)
+        }
         connection = {
             **dict.fromkeys(PORT_NAMES, 0),
             "ip": "127.0.0.1",
@@ -544,6 +588,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             "signature_scheme": self.connection_info.get("signature_scheme", "hmac-sha256"),
             "key": key.decode() if isinstance(key, bytes) else str(key),
             "kernel_name": self.kernel_spec.name if self.kernel_spec is not None else "",
+            **curve,
         }
         kernel_id = str(self.kernel_id)
         launch = RemoteLaunch(
@@ -590,6 +635,27 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not report.done:
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
+        if curve and not report.curve:
+            if self.transport_encryption == "required":
+                await self._abandon(kernel_id)
+                raise LaunchError(
+                    f"the kernel on {where} does not support CurveZMQ transport encryption "
+                    "(its ipykernel dropped the keys), and transport_encryption is 'required'",
+                    hint="use an ipykernel with CurveZMQ support on the remote side (its "
+                    "kernelspec lists supported_encryption: curve), or set "
+                    "transport_encryption to auto",
+                    command=cmd,
+                )
+            self.log.warning(
+                "%s: kernel %s on %s runs without transport encryption: its ipykernel does "
+                "not support CurveZMQ. SSH still encrypts the network, but other users of "
+                "that host can read the kernel's output on its loopback ports. Upgrade "
+                "ipykernel there, or set transport_encryption to required to refuse this.",
+                self.provisioner_name,
+                kernel_id,
+                where,
+            )
+            self._drop_curve_keys()
         self._stopping = False
         self.remote = RemoteKernel(
             kernel_id=kernel_id,

@@ -1,0 +1,364 @@
+"""A second user of the login node attacks a running nersc-cori kernel.
+
+The rig's remote host (netns npr-remote) has a second unprivileged user, the
+intruder.  Every attack runs as that user, inside the namespace, where the
+kernel's loopback ports are.  Each test fails if its attack works.  Where an
+attack is stopped by one measure only (CurveZMQ), a control case shows that
+the same attack does work without it: the harness can see a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import KernelFactory
+from tests.kernels import ready_client, run_cell
+from tests.rig import SSHRig, require_ssh
+
+pytestmark = [pytest.mark.kernel, pytest.mark.rig]
+
+
+@pytest.fixture
+def rig() -> SSHRig:
+    rig = require_ssh()
+    if not rig.intruder or not rig.remote_python:
+        pytest.fail("rig.json has no ssh.intruder/remote_python; run scripts/test-rig up")
+    return rig
+
+
+@pytest.fixture
+def config(rig: SSHRig) -> dict[str, Any]:
+    return {
+        "host": rig.host,
+        "user": rig.user,
+        "identity_file": str(rig.identity_file),
+        "known_hosts": [str(rig.known_hosts)],
+        "ssh_config": "",
+        "remote_python": rig.remote_python,
+    }
+
+
+def as_intruder(rig: SSHRig, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as the intruder on the remote host (inside its namespace)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", rig.netns, "runuser", "-u", rig.intruder, "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
+
+
+def intruder_python(
+    rig: SSHRig, code: str, *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", rig.netns, "runuser", "-u", rig.intruder, "--",
+         rig.remote_python, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        input=stdin,
+    )  # fmt: skip
+
+
+def remote_dir(rig: SSHRig, kernel_id: str) -> Path:
+    return Path(f"/home/{rig.user}/.nersc_provisioner/kernels/{kernel_id}")
+
+
+async def started(start_kernel: KernelFactory, config: dict[str, Any]) -> tuple[Any, Any]:
+    km = await start_kernel(config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    return km, kc
+
+
+def secrets_of(rig: SSHRig, km: Any) -> list[str]:
+    """The HMAC key and the CurveZMQ secret key, as the remote connection file has them."""
+    info = json.loads((remote_dir(rig, km.kernel_id) / "connection.json").read_text())
+    return [value for name in ("key", "curve_secretkey") if (value := info.get(name))]
+
+
+async def test_kernel_encrypts_with_curvezmq_by_default(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    km, kc = await started(start_kernel, config)
+    try:
+        assert km.curve_publickey is not None
+        info = json.loads((remote_dir(rig, km.kernel_id) / "connection.json").read_text())
+        # The kernel wrote its file back with the curve keys: it runs with them.
+        assert info["curve_publickey"] == km.curve_publickey.decode()
+        result = await run_cell(kc, "print('through curve')")
+        assert result.stdout.strip() == "through curve"
+        kernel_log = (remote_dir(rig, km.kernel_id) / "kernel.log").read_text()
+        assert "without encryption" not in kernel_log
+    finally:
+        kc.stop_channels()
+
+
+async def test_intruder_cannot_read_our_files(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    km, kc = await started(start_kernel, config)
+    try:
+        directory = remote_dir(rig, km.kernel_id)
+        secrets = secrets_of(rig, km)
+        for name in ("connection.json", "kernel.log", "wrapper.sh", "pid", "lease"):
+            attempt = as_intruder(rig, "cat", str(directory / name))
+            assert attempt.returncode != 0, name
+            assert "Permission denied" in attempt.stderr
+            assert not any(secret in attempt.stdout for secret in secrets)
+        listing = as_intruder(rig, "ls", str(directory.parent))
+        assert listing.returncode != 0
+        assert km.kernel_id not in listing.stdout
+        # What the intruder may list, it finds nothing of ours in.
+        found = as_intruder(rig, "grep", "-rlF", secrets[0], "/tmp", "/var/tmp", "/dev/shm")
+        assert found.stdout == ""
+    finally:
+        kc.stop_channels()
+
+
+async def test_intruder_finds_no_secret_in_proc(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    km, kc = await started(start_kernel, config)
+    try:
+        secrets = secrets_of(rig, km)
+        assert len(secrets) == 2  # the HMAC key and the CurveZMQ secret key
+        scan = intruder_python(
+            rig,
+            """
+            import glob, sys
+            secrets = [s.encode() for s in sys.stdin.read().split()]  # not on our cmdline
+            readable = 0
+            for path in glob.glob("/proc/[0-9]*/cmdline") + glob.glob("/proc/[0-9]*/environ"):
+                try:
+                    data = open(path, "rb").read()
+                except OSError:
+                    continue
+                readable += 1
+                for secret in secrets:
+                    if secret in data:
+                        print("LEAK", path)
+            print("READABLE", readable)
+            """,
+            stdin="\n".join(secrets),
+        )
+        assert scan.returncode == 0, scan.stderr
+        assert "LEAK" not in scan.stdout
+        assert int(scan.stdout.split("READABLE")[1]) > 10  # it did read other processes
+    finally:
+        kc.stop_channels()
+
+
+SUBSCRIBER = """
+import sys, time, zmq
+port, marker = int(sys.argv[1]), sys.argv[2].encode()
+ctx = zmq.Context()
+sock = ctx.socket(zmq.SUB)
+sock.setsockopt(zmq.SUBSCRIBE, b"")
+if sys.argv[3] == "guess-curve":  # a client key pair and a made-up server key
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    sock.curve_serverkey = zmq.curve_keypair()[0]
+sock.connect(f"tcp://127.0.0.1:{port}")
+messages = seen = 0
+deadline = time.monotonic() + 4
+while time.monotonic() < deadline:
+    if sock.poll(200):
+        frames = sock.recv_multipart()
+        messages += 1
+        seen += any(marker in frame for frame in frames)
+print("MESSAGES", messages, "MARKER", seen)
+"""
+
+
+async def print_markers(kc: Any, marker: str) -> None:
+    code = (
+        "import threading, time\n"
+        "def _talk():\n"
+        "    for _ in range(60):\n"
+        f"        print({marker!r}, flush=True); time.sleep(0.1)\n"
+        "threading.Thread(target=_talk, daemon=True).start()\n"
+    )
+    await run_cell(kc, code)
+
+
+@pytest.mark.parametrize(
+    ("encryption", "mode", "leaks"),
+    [
+        ("auto", "plain", False),
+        ("auto", "guess-curve", False),
+        ("disabled", "plain", True),  # control: without CurveZMQ the output is readable
+    ],
+)
+async def test_intruder_subscribing_to_iopub_reads_nothing(
+    start_kernel: KernelFactory,
+    config: dict[str, Any],
+    rig: SSHRig,
+    encryption: str,
+    mode: str,
+    leaks: bool,
+) -> None:
+    km, kc = await started(start_kernel, {**config, "transport_encryption": encryption})
+    try:
+        port = km.provisioner.remote.ports["iopub_port"]
+        marker = f"MARKER-{uuid.uuid4().hex[:8]}"
+        listener = asyncio.create_task(
+            asyncio.to_thread(intruder_python, rig, SUBSCRIBER, str(port), marker, mode)
+        )
+        await asyncio.sleep(0.5)
+        await print_markers(kc, marker)
+        attempt = await listener
+        assert attempt.returncode == 0, attempt.stderr
+        words = attempt.stdout.split()
+        messages, seen = int(words[1]), int(words[3])
+        if leaks:
+            assert seen > 0, attempt.stdout
+        else:
+            assert messages == 0, attempt.stdout
+            assert seen == 0
+    finally:
+        kc.stop_channels()
+
+
+EXECUTOR = """
+import hashlib, hmac, json, sys, time, uuid, zmq
+port, canary, key = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.connect(f"tcp://127.0.0.1:{port}")
+header = {"msg_id": uuid.uuid4().hex, "session": uuid.uuid4().hex, "username": "x",
+          "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z"}
+content = {"code": f"open({canary!r}, 'w').write('ran')", "silent": False,
+           "store_history": False, "user_expressions": {}, "allow_stdin": False}
+parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
+sig = hmac.new(key, digestmod=hashlib.sha256)
+for part in parts:
+    sig.update(part)
+signature = sig.hexdigest().encode() if key else b""
+sock.send_multipart([b"<IDS|MSG>", signature, *parts])
+print("REPLY", bool(sock.poll(3000)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("encryption", "key", "runs"),
+    [
+        ("auto", "none", False),  # unsigned
+        ("auto", "guessed", False),  # signed with a key of its own
+        ("disabled", "none", False),  # the HMAC signature alone stops an unsigned request
+        ("disabled", "guessed", False),
+        ("disabled", "stolen", True),  # control: with the real key it would run
+    ],
+)
+async def test_intruder_execute_request_does_not_run(
+    start_kernel: KernelFactory,
+    config: dict[str, Any],
+    rig: SSHRig,
+    encryption: str,
+    key: str,
+    runs: bool,
+) -> None:
+    km, kc = await started(start_kernel, {**config, "transport_encryption": encryption})
+    canary = Path(f"/tmp/npr-canary-{uuid.uuid4().hex[:8]}")
+    try:
+        port = km.provisioner.remote.ports["shell_port"]
+        secret = {"none": "", "guessed": uuid.uuid4().hex, "stolen": secrets_of(rig, km)[0]}[key]
+        attempt = await asyncio.to_thread(
+            intruder_python, rig, EXECUTOR, str(port), str(canary), secret
+        )
+        assert attempt.returncode == 0, attempt.stderr
+        await asyncio.sleep(1)
+        assert canary.exists() is runs, attempt.stdout
+        result = await run_cell(kc, "print('still mine')")  # the kernel still serves us
+        assert result.stdout.strip() == "still mine"
+    finally:
+        kc.stop_channels()
+        canary.unlink(missing_ok=True)
+
+
+async def test_intruder_cannot_signal_the_kernel(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    km, kc = await started(start_kernel, config)
+    try:
+        pid = km.provisioner.remote.pid
+        for sig in ("-INT", "-TERM", "-KILL"):
+            for target in (str(pid), f"-{pid}"):  # the process, and its process group
+                attempt = as_intruder(rig, "kill", sig, "--", target)
+                assert attempt.returncode != 0
+                assert "not permitted" in attempt.stderr
+        await asyncio.sleep(0.5)
+        assert await km.is_alive()
+        result = await run_cell(kc, "print(1 + 1)")
+        assert result.stdout.strip() == "2"
+    finally:
+        kc.stop_channels()
+
+
+async def test_nothing_of_ours_lives_in_shared_temporary_directories(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    """So files planted or replaced in /tmp by another user cannot reach the kernel."""
+    km, kc = await started(start_kernel, config)
+    try:
+        # The intruder plants what it can where a careless tool would look.
+        for name in ("nersc_provisioner", "npr-agent", "kernel.json", "connection.json"):
+            as_intruder(rig, "ln", "-sf", "/dev/null", f"/tmp/{name}")
+        pid = km.provisioner.remote.pid
+        ours = [psutil.Process(pid)]
+        watchdog = remote_dir(rig, km.kernel_id) / "watchdog"
+        ours.append(psutil.Process(int(watchdog.read_text().strip())))
+        shared = ("/tmp", "/var/tmp", "/dev/shm")
+        for proc in ours:
+            paths = [f.path for f in proc.open_files()] + [proc.cwd()]
+            assert not [p for p in paths if p.startswith(shared)], (proc.cmdline(), paths)
+            assert not any(arg.startswith(shared) for arg in proc.cmdline()), proc.cmdline()
+        await asyncio.sleep(0.5)
+        result = await run_cell(kc, "print('unaffected')")
+        assert result.stdout.strip() == "unaffected"
+    finally:
+        kc.stop_channels()
+        for name in ("nersc_provisioner", "npr-agent", "kernel.json", "connection.json"):
+            Path(f"/tmp/{name}").unlink(missing_ok=True)
+
+
+async def test_curve_required_refuses_a_kernel_without_it(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, tmp_path: Path
+) -> None:
+    """An ipykernel that drops the curve keys: 'required' refuses it, 'auto' warns."""
+    # A kernel launcher that deletes the curve keys before ipykernel sees them, as an
+    # ipykernel without CurveZMQ support would ignore them.
+    shim = (
+        "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; "
+        "d = json.load(open(f)); d.pop('curve_publickey', None); d.pop('curve_secretkey', None); "
+        "json.dump(d, open(f, 'w')); "
+        "from ipykernel import kernelapp; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
+        "kernelapp.launch_new_instance()"
+    )
+    argv = [rig.remote_python, "-c", shim, "-f", "{connection_file}"]
+    start = time.monotonic()
+    with pytest.raises(Exception, match="does not support CurveZMQ") as info:
+        await start_kernel(
+            {**config, "transport_encryption": "required"}, argv=argv, provisioner="nersc-cori"
+        )
+    assert "transport_encryption" in str(info.value)
+    assert time.monotonic() - start < 30
+    km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
+    assert km.curve_publickey is None  # the clients do not expect encryption
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "print('plain')")
+        assert result.stdout.strip() == "plain"
+    finally:
+        kc.stop_channels()
