@@ -235,6 +235,12 @@ def agent_command(renew_every: int) -> str:
     return join(["bash", "--noprofile", "--norc", "-c", AGENT, "npr-agent", str(int(renew_every))])
 
 
+def kernel_log_tail_script(kernel_id: str, lines: int = 10) -> str:
+    """Print the last lines of a kernel's log (what it printed before it ended)."""
+    kid = check_token(kernel_id, "kernel id")
+    return f"tail -n {int(lines)} {REMOTE_BASE}/{kid}/kernel.log 2>/dev/null\n"
+
+
 def kill_script(kernel_ids: Sequence[str]) -> str:
     """End these kernels (found by PID and start time, or by command line) and remove them.
 

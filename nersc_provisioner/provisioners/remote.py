@@ -39,6 +39,7 @@ from ..launchers.remote import (
     LaunchReport,
     RemoteLaunch,
     build_launch_script,
+    kernel_log_tail_script,
     kill_script,
 )
 from ..launchers.step import build_step_script
@@ -752,10 +753,28 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 and await self._report_job_end(remote.kernel_id)
             ):
                 return 1
-            # Expected during a shutdown or restart; news otherwise.
-            report = self.log.debug if self._stopping else self.log.warning
-            report("kernel %s (pid %d on %s) is gone", remote.kernel_id, remote.pid, remote.node)
+            if self._stopping:  # expected during a shutdown or restart
+                self.log.debug("kernel %s (pid %d) is gone", remote.kernel_id, remote.pid)
+                return 1
+            last = await self._kernel_log_tail(conn, remote.kernel_id)
+            self.log.warning(
+                "kernel %s (pid %d on %s) is gone, not ended by us (killed, crashed or exited)%s",
+                remote.kernel_id,
+                remote.pid,
+                remote.node,
+                f"; the end of its output:\n{last}" if last else "; it printed nothing at the end",
+            )
         return 1
+
+    async def _kernel_log_tail(self, conn: SSHConnection, kernel_id: str) -> str:
+        """The last lines the kernel printed (its log is kept until cleanup), or ""."""
+        try:
+            _, lines = await in_thread(
+                lambda: conn.run_script(kernel_log_tail_script(kernel_id), timeout=10)
+            )
+        except Exception:  # a diagnostic only
+            return ""
+        return "\n".join(lines[-10:])
 
     async def wait(self) -> int | None:
         while True:

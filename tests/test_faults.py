@@ -1,0 +1,269 @@
+"""Faults, each with a bound: nersc-cori against the rig when things break under it.
+
+(Also elsewhere: a restarted sshd, a 5 s network cut and a killed sshd child in
+test_remote_kernels.py; the killed Jupyter side in its watchdog test; a stopped
+slurmctld in test_slurm_kernels.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from nersc_provisioner import LaunchError
+from tests.commands import run_cli
+from tests.conftest import KernelFactory
+from tests.kernels import ready_client, run_cell, shutdown_quietly
+from tests.rig import SSHRig, require_ssh
+
+pytestmark = [pytest.mark.kernel, pytest.mark.rig]
+
+
+@pytest.fixture
+def rig() -> SSHRig:
+    return require_ssh()
+
+
+@pytest.fixture
+def config(rig: SSHRig) -> dict[str, Any]:
+    return {
+        "host": rig.host,
+        "user": rig.user,
+        "identity_file": str(rig.identity_file),
+        "known_hosts": [str(rig.known_hosts)],
+        "ssh_config": "",
+        "remote_python": rig.remote_python,
+    }
+
+
+def ours(rig: SSHRig) -> list[str]:
+    """The rig user's kernels and watchdogs (not the agents of connections still open)."""
+    found = []
+    for proc in psutil.process_iter(["username", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["username"] != rig.user:
+            continue
+        line = " ".join(proc.info["cmdline"] or [])
+        if "ipykernel" in line or ("npr-watchdog" in line and "npr-agent" not in line):
+            found.append(line)
+    return found
+
+
+async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return bool(predicate())
+
+
+def kill_sshd_children(rig: SSHRig) -> int:
+    """Kill the sshd processes serving connections (our tunnel's TCP connection resets)."""
+    master = psutil.Process(int(rig.sshd_pidfile.read_text()))
+    children = [p for p in master.children() if p.username() == "root"]
+    for child in children:
+        child.kill()
+    return len(children)
+
+
+async def test_connection_reset_in_the_middle_of_20_mb_of_output(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    km = await start_kernel(config, provisioner="nersc-cori")
+    kc = await ready_client(km)
+    try:
+        await run_cell(kc, "kept = 'kept'")
+        received = 0
+        msg_id = kc.execute("import sys\nfor _ in range(20): sys.stdout.write('x' * 1_000_000)")
+        deadline = time.monotonic() + 30
+        while received < 2_000_000 and time.monotonic() < deadline:  # in the middle of it
+            msg = await kc.get_iopub_msg(timeout=10)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                received += len(msg["content"]["text"])
+        assert received >= 2_000_000
+        assert kill_sshd_children(rig) >= 1
+        started = time.monotonic()
+        # PUB/SUB output sent while the tunnel was down is not replayed; the kernel, its
+        # variables and the next cell are what must survive, within a bound.
+        result = await run_cell(kc, "print(kept, len('y' * 10))", timeout=40)
+        recovered = time.monotonic() - started
+        assert result.stdout.split() == ["kept", "10"]
+        assert recovered < 20, f"recovery took {recovered:.1f} s"
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+    assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+
+
+async def test_remote_kernel_killed_is_restarted_with_the_reason_logged(
+    config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL on the remote kernel: jupyter_client's restarter (as Jupyter Server runs
+    it) sees it dead through poll(), logs why, and starts a new one."""
+    caplog.set_level(logging.INFO)
+    name = "restarted"
+    folder = jupyter_dirs / "kernels" / name
+    folder.mkdir(parents=True)
+    spec = {
+        "display_name": name,
+        "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "nersc-cori", "config": config}},
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+    runtime.mkdir(parents=True, exist_ok=True)
+    km = AsyncIOLoopKernelManager(
+        kernel_name=name, connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json")
+    )
+    await km.start_kernel()
+    try:
+        km.start_restarter()
+        first = km.provisioner.remote.pid  # type: ignore[union-attr]
+        os.kill(first, 9)
+        started = time.monotonic()
+
+        def new_pid() -> int:
+            remote = getattr(km.provisioner, "remote", None)
+            return remote.pid if remote is not None else 0
+
+        assert await wait_until(lambda: new_pid() not in (0, first), 45), "no restart"
+        restarted_after = time.monotonic() - started
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(str(first) in m and "not ended by us" in m for m in messages), (
+            messages
+        )  # the reason, with the pid that died
+        assert any("restarting" in m.lower() for m in messages), messages
+        assert restarted_after < 30, f"restart took {restarted_after:.1f} s"
+        kc = await ready_client(km)
+        try:
+            result = await run_cell(kc, "print('back')")
+            assert result.stdout.strip() == "back"
+        finally:
+            kc.stop_channels()
+    finally:
+        km.stop_restarter()
+        await shutdown_quietly(km)
+    assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+
+
+@contextlib.contextmanager
+def broken_runtime_dir(rig: SSHRig, how: str) -> Iterator[Path]:
+    """The remote user's ~/.nersc_provisioner made unwritable, or on a full filesystem."""
+    base = Path(f"/home/{rig.user}/.nersc_provisioner")
+    saved = base.with_name(".nersc_provisioner.saved-by-test")
+    if base.exists():
+        base.rename(saved)
+    base.mkdir()
+    shutil.chown(base, rig.user, rig.user)
+    try:
+        if how == "unwritable":
+            base.chmod(0o500)
+        else:  # a 64 KiB filesystem, filled up, as the remote host's sshd sees its files
+            # (sshd runs in the mount namespace `ip netns exec` gave it)
+            in_sshd = ["nsenter", "--target", rig.sshd_pidfile.read_text().strip(), "--mount", "--"]
+            subprocess.run(
+                [*in_sshd, "mount", "-t", "tmpfs", "-o",
+                 f"size=64k,mode=0700,uid={rig.user}", "npr-full", str(base)],
+                check=True,
+            )  # fmt: skip
+            subprocess.run(
+                [*in_sshd, "dd", "if=/dev/zero", f"of={base}/filler", "bs=4096"],
+                capture_output=True,
+                check=False,  # it ends with "No space left on device"
+            )
+            full = subprocess.run(
+                [*in_sshd, "df", "--output=avail", str(base)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert full.stdout.split()[-1] == "0", full.stdout
+        yield base
+    finally:
+        if how == "full":
+            sshd = rig.sshd_pidfile.read_text().strip()
+            subprocess.run(["nsenter", "--target", sshd, "--mount", "--", "umount", str(base)],
+                           check=False)  # fmt: skip
+        base.chmod(0o700)
+        shutil.rmtree(base, ignore_errors=True)
+        if saved.exists():
+            saved.rename(base)
+
+
+@pytest.mark.parametrize("how", ["unwritable", "full"])
+async def test_broken_remote_runtime_directory_is_a_clear_error(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, how: str
+) -> None:
+    with broken_runtime_dir(rig, how):
+        started = time.monotonic()
+        with pytest.raises(LaunchError) as info:
+            await start_kernel(config, provisioner="nersc-cori")
+        message = str(info.value)
+        assert "cannot" in message
+        assert ".nersc_provisioner" in message
+        assert "writable and not over quota" in message  # the fix is named
+        assert time.monotonic() - started < 30
+        assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+
+
+async def test_killed_jupyter_side_leaves_nothing_that_ps_shows(
+    config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+) -> None:
+    """The Jupyter side is SIGKILLed: the watchdog ends the kernel; `ps HOST` lists none."""
+    spec_config = {**config, "lease_timeout": 15}
+    folder = jupyter_dirs / "kernels" / "orphaned"
+    folder.mkdir(parents=True)
+    spec = {
+        "display_name": "orphaned",
+        "language": "python",
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": "nersc-cori", "config": spec_config}
+        },
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    code = (
+        "import asyncio\n"
+        "from jupyter_client.manager import AsyncKernelManager\n"
+        "async def main():\n"
+        "    km = AsyncKernelManager(kernel_name='orphaned')\n"
+        "    await km.start_kernel()\n"
+        "    print('STARTED', km.provisioner.remote.kernel_id, flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().split()
+        assert line[:1] == ["STARTED"], line
+        kernel_id = line[1]
+        listed = run_cli("ps", "orphaned")
+        assert kernel_id in listed.stdout, listed.stdout + listed.stderr
+        proc.kill()
+        await proc.wait()
+        assert await wait_until(lambda: kernel_id not in run_cli("ps", "orphaned").stdout, 60, 2)
+        assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
