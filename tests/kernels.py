@@ -39,6 +39,28 @@ async def run_cell(kc: AsyncKernelClient, code: str, timeout: float = 60) -> Cel
     return CellResult(status=content["status"], stdout="".join(out), ename=content.get("ename", ""))
 
 
+async def output_after_reconnect(
+    kc: AsyncKernelClient, code: str, expected: str, timeout: float = 20
+) -> int:
+    """Run ``code`` until it prints ``expected``; returns the number of tries.
+
+    Right after a reconnect, the IOPub subscription travels a new tunnel channel:
+    the output of a cell run before it reaches the kernel is not delivered (a
+    PUB/SUB "slow joiner"), while its reply is.  A client sees that as a cell
+    with no output; this waits it out, within ``timeout``.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    tries = 0
+    while True:
+        tries += 1
+        result = await run_cell(kc, code, timeout=timeout)
+        if result.stdout.strip() == expected:
+            return tries
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{code!r} printed {result.stdout!r}, not {expected!r}")
+        await asyncio.sleep(0.2)
+
+
 async def shutdown_quietly(km: AsyncKernelManager) -> None:
     with contextlib.suppress(Exception):
         if km.has_kernel:

@@ -24,6 +24,7 @@ is skipped, or fails when ``CI=true``, with a reason that says how to start the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import psutil
 import pytest
 
 DEFAULT_RIG_DIR = Path("/var/tmp/nersc-provisioner-rig")
@@ -274,6 +276,23 @@ def require_ssh() -> SSHRig:
 def require_compute_node() -> Rig:
     """Slurm, the login node's sshd and the compute node's sshd (ssh into one's own job)."""
     return require_rig("compute-node")
+
+
+def kill_sshd_sessions(pidfile: Path) -> int:
+    """SIGKILL every sshd process serving a connection of the sshd of ``pidfile``.
+
+    Both halves: the root ``[priv]`` monitor and the user's process that holds the
+    TCP socket (killing the monitor alone leaves the connection up).  Returns how many.
+    """
+    master = psutil.Process(int(pidfile.read_text()))
+    sessions = [p for p in master.children(recursive=True) if p.name() == "sshd"]
+    # The user's half is reparented when its monitor dies: find it by the monitor first.
+    for monitor in list(sessions):
+        sessions += [p for p in monitor.children(recursive=True) if p.name() == "sshd"]
+    for proc in {p.pid: p for p in sessions}.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    return len({p.pid for p in sessions})
 
 
 def require_jump() -> JumpRig:

@@ -57,10 +57,15 @@ from ..slurm.commands import holder_argv
 from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
-from ..transports.forwarding import PortForwarder
+from ..transports.forwarding import RETRY, PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
 from .options import LaunchPlan, WrapperOptions
+
+#: After a reconnect, the channels that carry requests reopen this much later than
+#: IOPub's, so that IOPub is subscribed again before a request's output is published.
+IOPUB_HEAD_START = 0.3
+REQUEST_PORTS = frozenset({"shell_port", "control_port", "stdin_port"})
 
 #: Where compute nodes' host keys are, besides the user's known_hosts.
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
@@ -501,6 +506,13 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         remote, conn = self.remote, self._conn
         if remote is None or conn is None:
             return None
+        if not conn.connected and conn.fatal is None and not self._stopping:
+            return RETRY  # being re-established: the forwarder holds the socket
+        since = time.monotonic() - (conn.reconnected_at or -IOPUB_HEAD_START)
+        if name in REQUEST_PORTS and since < IOPUB_HEAD_START:
+            # Just reconnected: IOPub's subscription must reach the kernel before the
+            # first request does, or that request's output is published to no one.
+            return RETRY
         return conn.open_forward(remote.ports.get(name, 0))
 
     def _close_listeners(self) -> None:

@@ -62,6 +62,8 @@ class SSHConnection:
         self.login: SSHLogin | None = None
         self.node = ""
         self.reconnects = 0
+        #: When the last reconnect completed (time.monotonic()), or None.
+        self.reconnected_at: float | None = None
         self.down_since: float | None = None
         self.fatal: SSHError | None = None
         self._lock = threading.RLock()
@@ -194,6 +196,7 @@ class SSHConnection:
                     log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
                     continue
                 self.reconnects += 1
+                self.reconnected_at = time.monotonic()
                 log.warning(
                     "reconnected to %s after %.1f s",
                     self.target.label,

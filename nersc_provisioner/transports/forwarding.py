@@ -5,6 +5,12 @@ connection opens a ``direct-tcpip`` channel over the host's shared SSH
 connection; one selector thread moves the bytes both ways for all of them,
 so the thread count does not grow with kernels or streams.  Back-pressure:
 a side whose buffer is full stops being read until the other side drains.
+
+While the SSH connection is being re-established, a newly accepted local
+connection is held (not closed) and its channel retried every
+``RETRY_EVERY`` seconds, for up to ``HOLD_FOR``: ZeroMQ's reconnect then
+completes the moment the SSH connection is back, instead of failing and
+backing off in between.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +32,13 @@ CHUNK = 256 * 1024
 # When a channel's window is full we cannot be woken by it; retry this often.
 CHANNEL_RETRY = 0.005
 
-ChannelOpener = Callable[[], "paramiko.Channel | None"]
+#: What an opener returns when the channel cannot be opened *yet* (the connection
+#: is being re-established); None means never (the kernel is gone).
+RETRY = "retry"
+RETRY_EVERY = 0.1
+HOLD_FOR = 30.0
+
+ChannelOpener = Callable[[], "paramiko.Channel | str | None"]
 
 
 @dataclass(eq=False)
@@ -63,6 +76,8 @@ class PortForwarder:
         self._todo: list[Callable[[], None]] = []
         self._listeners: dict[socket.socket, ChannelOpener] = {}
         self._pairs: set[_Pair] = set()
+        # (when to try again, socket, opener, give up at): accepted, waiting for a channel
+        self._held: list[tuple[float, socket.socket, ChannelOpener, float]] = []
         self._openers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nersc-forward-open")
         self._thread = threading.Thread(target=self._run, name="nersc-forwarder", daemon=True)
         self._thread.start()
@@ -87,7 +102,11 @@ class PortForwarder:
         self._call(lambda: self._remove_listener(listener))
 
     def stats(self) -> dict[str, int]:
-        return {"listeners": len(self._listeners), "streams": len(self._pairs)}
+        return {
+            "listeners": len(self._listeners),
+            "streams": len(self._pairs),
+            "held": len(self._held),
+        }
 
     def _call(self, action: Callable[[], None]) -> None:
         with self._lock:
@@ -108,6 +127,9 @@ class PortForwarder:
     def _run(self) -> None:
         while True:
             timeout = CHANNEL_RETRY if any(p.to_chan for p in self._pairs) else None
+            if self._held:
+                wait = max(0.0, min(due for due, *_ in self._held) - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             for key, events in self._selector.select(timeout):
                 kind, obj = key.data
                 if kind == "wake":
@@ -123,6 +145,7 @@ class PortForwarder:
                 todo, self._todo = self._todo, []
             for action in todo:
                 action()
+            self._retry_held()
             for pair in list(self._pairs):
                 if pair.to_chan:
                     self._flush_to_chan(pair)
@@ -140,16 +163,30 @@ class PortForwarder:
             return
         # Opening a channel waits for the server; a slow host must not stall the
         # streams of every other kernel, so that wait happens on a worker thread.
-        self._openers.submit(self._open, sock, opener)
+        self._openers.submit(self._open, sock, opener, time.monotonic() + HOLD_FOR)
 
-    def _open(self, sock: socket.socket, opener: ChannelOpener) -> None:
-        chan = None
+    def _open(self, sock: socket.socket, opener: ChannelOpener, give_up: float) -> None:
+        chan: paramiko.Channel | str | None = None
         with contextlib.suppress(Exception):
             chan = opener()
-        if chan is None:
-            sock.close()  # the host is unreachable right now; ZeroMQ will reconnect
+        if chan == RETRY and time.monotonic() < give_up:
+            # Reconnecting: hold the local connection and try again shortly.
+            due = time.monotonic() + RETRY_EVERY
+            self._call(lambda: self._held.append((due, sock, opener, give_up)))
+            return
+        if not isinstance(chan, paramiko.Channel):
+            sock.close()  # the kernel is gone, or the host stayed unreachable
             return
         self._call(lambda: self._add_pair(sock, chan))
+
+    def _retry_held(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self._held if item[0] <= now]
+        if not due:
+            return
+        self._held = [item for item in self._held if item[0] > now]
+        for _, sock, opener, give_up in due:
+            self._openers.submit(self._open, sock, opener, give_up)
 
     def _add_pair(self, sock: socket.socket, chan: paramiko.Channel) -> None:
         sock.setblocking(False)
