@@ -65,6 +65,7 @@ from .options import LaunchPlan, WrapperOptions
 #: After a reconnect, the channels that carry requests reopen this much later than
 #: IOPub's, so that IOPub is subscribed again before a request's output is published.
 IOPUB_HEAD_START = 0.3
+IOPUB_WAIT = 3.0
 REQUEST_PORTS = frozenset({"shell_port", "control_port", "stdin_port"})
 
 #: Where compute nodes' host keys are, besides the user's known_hosts.
@@ -168,6 +169,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     _login: SSHConnection | None = None
     _login_target: SSHTarget | None = None
     _listeners: dict[str, Any] | None = None
+    _iopub_opened_at: float | None = None
     # Slurm mode
     _allocation: SlurmAllocation | None = None
     _job: SlurmJob | None = None
@@ -508,12 +510,22 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             return None
         if not conn.connected and conn.fatal is None and not self._stopping:
             return RETRY  # being re-established: the forwarder holds the socket
-        since = time.monotonic() - (conn.reconnected_at or -IOPUB_HEAD_START)
-        if name in REQUEST_PORTS and since < IOPUB_HEAD_START:
+        now = time.monotonic()
+        if name in REQUEST_PORTS and conn.reconnected_at is not None:
             # Just reconnected: IOPub's subscription must reach the kernel before the
             # first request does, or that request's output is published to no one.
-            return RETRY
-        return conn.open_forward(remote.ports.get(name, 0))
+            # So requests wait until IOPub's channel is open again, plus a head start
+            # for the subscription (at most IOPUB_WAIT if no one subscribes).
+            iopub_at = self._iopub_opened_at
+            if iopub_at is None or iopub_at < conn.reconnected_at:
+                if now - conn.reconnected_at < IOPUB_WAIT:
+                    return RETRY
+            elif now - iopub_at < IOPUB_HEAD_START:
+                return RETRY
+        chan = conn.open_forward(remote.ports.get(name, 0))
+        if name == "iopub_port" and chan is not None:
+            self._iopub_opened_at = time.monotonic()
+        return chan
 
     def _close_listeners(self) -> None:
         if self._listeners:

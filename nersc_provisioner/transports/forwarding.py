@@ -54,6 +54,11 @@ class _Pair:
     chan_events: int = 0
 
 
+def _alive(chan: paramiko.Channel) -> bool:
+    transport = chan.get_transport()
+    return transport is not None and transport.is_active()
+
+
 class PortForwarder:
     """Moves bytes between local sockets and SSH channels on one thread."""
 
@@ -256,6 +261,11 @@ class PortForwarder:
         if pair.closed:
             return
         if (pair.chan_eof and not pair.to_sock) or (pair.sock_eof and not pair.to_chan):
+            self._close(pair)
+            return
+        if pair.chan_eof and not _alive(pair.chan):
+            # The SSH connection died under it: the stream is cut mid-way anyway, and
+            # a client that is not reading must not hold back its reconnect.
             self._close(pair)
             return
         sock_events = 0
