@@ -33,6 +33,11 @@ def check_kernel_name(name: str) -> str:
             f"invalid kernel name {name!r}",
             hint="use letters, digits, '.', '_' and '-' only, starting with a letter or digit",
         )
+    if name != name.lower():
+        raise UnsafeValueError(
+            f"invalid kernel name {name!r}: jupyter_client stores kernel names in lower case",
+            hint=f"use {name.lower()!r}",
+        )
     return name
 
 

@@ -33,12 +33,30 @@ def join(argv: Iterable[str], *, what: str = "argument") -> str:
     return " ".join(quote(arg, what=what) for arg in argv)
 
 
+#: Variables bash sets or reads itself: an export of one is overwritten by bash, or
+#: changes how the generated script runs.
+BASH_MANAGED = frozenset(
+    {
+        "_", "BASHOPTS", "BASHPID", "BASH_ENV", "BASH_XTRACEFD", "EUID", "FUNCNAME",
+        "GROUPS", "IFS", "LINENO", "OLDPWD", "OPTARG", "OPTIND", "PPID", "PS4", "PWD",
+        "RANDOM", "SECONDS", "SHELLOPTS", "SHLVL", "SRANDOM", "UID", "EPOCHREALTIME",
+        "EPOCHSECONDS", "HISTCMD", "DIRSTACK", "PIPESTATUS", "COMP_WORDBREAKS",
+    }
+)  # fmt: skip
+
+
 def check_env_name(name: str) -> str:
     """Return ``name`` if it is a valid environment variable name, else raise."""
     if not isinstance(name, str) or not _ENV_NAME.match(name):
         raise UnsafeValueError(
             f"invalid environment variable name {name!r}",
             hint="use letters, digits and underscores only, not starting with a digit",
+        )
+    if name in BASH_MANAGED or name.startswith("BASH_"):
+        raise UnsafeValueError(
+            f"environment variable {name!r} is set by bash itself; a value for it would "
+            "not reach the kernel as given",
+            hint="use another name; set it in a setup line if the kernel must see it",
         )
     return name
 

@@ -76,9 +76,9 @@ def build_launch_script(launch: RemoteLaunch) -> str:
     # around the expansion of $npr_dir, never the user's text unquoted.
     argv_words = []
     for arg in launch.argv:
-        head, sep, tail = arg.partition("{connection_file}")
-        if sep:
-            argv_words.append(f'{quote(head)}"$npr_dir/connection.json"{quote(tail)}')
+        parts = arg.split("{connection_file}")
+        if len(parts) > 1:  # every occurrence, as jupyter_client fills them in
+            argv_words.append('"$npr_dir/connection.json"'.join(quote(p) for p in parts))
         else:
             argv_words.append(quote(arg))
     wrapper = build_script(launch.setup)

@@ -29,6 +29,7 @@ from ..errors import (
     ModuleLoadError,
     ModuleSystemError,
     SetupError,
+    UnsafeValueError,
 )
 from ..shell import export_line, quote
 from .container import ContainerSpec, container_prefix
@@ -132,6 +133,19 @@ class EnvironmentSetup:
         env: Mapping[str, str] | None = None,
         container: ContainerSpec | None = None,
     ) -> EnvironmentSetup:
+        for name in (*modules, *module_use):
+            if not name or name.startswith("-"):
+                raise UnsafeValueError(
+                    f"invalid module name or path {name!r}: `module` would read it as an option",
+                    hint="give module names as `module avail` lists them, e.g. python/3.11",
+                )
+        for line in setup:
+            if "\n" in line or "\r" in line:
+                raise UnsafeValueError(
+                    f"setup line {line!r} holds a line break",
+                    hint="give each line as its own entry of `setup`, so that each one is "
+                    "checked on its own",
+                )
         return cls(
             modules=tuple(modules),
             purge=purge,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,9 @@ from .options import LaunchPlan, WrapperOptions
 IOPUB_HEAD_START = 0.3
 IOPUB_WAIT = 3.0
 REQUEST_PORTS = frozenset({"shell_port", "control_port", "stdin_port"})
+
+#: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
+_HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
 
 #: Where compute nodes' host keys are, besides the user's known_hosts.
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
@@ -147,8 +151,11 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     @validate("host")
     def _check_host(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
-        if not value or value.startswith("-") or any(c.isspace() for c in value):
-            raise TraitError(f"host must be a host name or ssh config alias, not {value!r}")
+        if not value or value.startswith("-") or not _HOST.match(value):
+            raise TraitError(
+                f"host must be a host name, an address or an ssh config alias, not {value!r} "
+                "(give the user and port as `user` and `port`)"
+            )
         return value
 
     @validate("lease_timeout")

@@ -73,7 +73,7 @@ class SlurmOptions:
                 if (
                     isinstance(value, bool)
                     or not isinstance(value, int | str)
-                    or not str(value).isdigit()
+                    or not (str(value).isascii() and str(value).isdigit())
                     or int(value) < 1
                 ):
                     raise ConfigError(
