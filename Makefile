@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo bench rig rig-down lint typecheck pytest test clean
+.PHONY: venv demo bench bench-smoke soak rig rig-down lint typecheck pytest test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ bench: venv
 	scripts/ensure-lmod
 	$(BIN)/python benchmarks/bench.py
 
+# One quick pass of every benchmark figure: CI runs it so the benchmark cannot rot.
+bench-smoke: venv
+	scripts/ensure-lmod
+	$(BIN)/python benchmarks/bench.py --smoke
+	$(BIN)/python benchmarks/soak.py --kernels 2 --minutes 0.25 --drop-every 5
+
+# 20 kernels on one connection for 10 minutes, with a connection drop every minute.
+soak: venv
+	$(BIN)/python benchmarks/soak.py
+
 rig:
 	scripts/test-rig up
 
@@ -39,7 +49,7 @@ typecheck: venv
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-test: venv rig lint typecheck pytest
+test: venv rig lint typecheck pytest bench-smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

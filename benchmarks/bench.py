@@ -131,7 +131,9 @@ async def throughput(kc: AsyncKernelClient, megabytes: int = 20) -> float:
     return received / 1e6 / elapsed
 
 
-async def measure(name: str, starts: int, round_trips: int) -> dict[str, Any]:
+async def measure(
+    name: str, starts: int, round_trips: int, repeats: int = 3, megabytes: int = 20
+) -> dict[str, Any]:
     cold_s, start_s, shutdown_s = [], [], []
     for _ in range(starts):  # cold: no other kernel, so a remote start logs in first
         km, kc, elapsed = await started(name)
@@ -149,10 +151,10 @@ async def measure(name: str, starts: int, round_trips: int) -> dict[str, Any]:
         rtt = []
         for _ in range(round_trips):
             rtt.append(await timed(lambda: kc.execute_interactive("pass", timeout=30)))
-        mbps = [await throughput(kc) for _ in range(3)]
-        interrupt_s = [await interrupt_once(km, kc) for _ in range(3)]
+        mbps = [await throughput(kc, megabytes) for _ in range(repeats)]
+        interrupt_s = [await interrupt_once(km, kc) for _ in range(repeats)]
         restart_s = []
-        for _ in range(3):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             await km.restart_kernel()
             await kc.wait_for_ready(timeout=60)
@@ -259,6 +261,11 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"no test rig ({RIG}): nersc-cori rows skipped", file=sys.stderr)
         else:
             configs["nersc-cori (rig sshd)"] = ("nersc-cori", remote)
+            # The same without CurveZMQ on the kernel's sockets: what encryption costs.
+            configs["nersc-cori (no CurveZMQ)"] = (
+                "nersc-cori",
+                {**remote, "transport_encryption": "disabled"},
+            )
             if rig_has_compute_node():
                 # A start includes sbatch and the queue wait; a restart is a new step
                 # in the same job.  Each kernel holds its own job (1 CPU of the node's 2).
@@ -272,7 +279,13 @@ async def main_async(args: argparse.Namespace) -> None:
             names[label] = name = f"bench{index}"
             write_spec(data, name, provisioner, config)
             print(f"measuring {label} ...", file=sys.stderr)
-            results[label] = await measure(name, args.starts, args.round_trips)
+            results[label] = await measure(
+                name,
+                args.starts,
+                args.round_trips,
+                repeats=1 if args.smoke else 3,
+                megabytes=1 if args.smoke else 20,
+            )
         scaling: dict[str, list[dict[str, Any]]] = {}
         for label in ("local-provisioner", "nersc-cori (rig sshd)"):
             if label not in names:
@@ -284,6 +297,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     print(scale_table(scaling))
     RESULTS.mkdir(exist_ok=True)
+    target = RESULTS / ("bench-smoke.json" if args.smoke else "bench.json")
     out = {
         "machine": {
             "python": platform.python_version(),
@@ -293,8 +307,8 @@ async def main_async(args: argparse.Namespace) -> None:
         "results": results,
         "scale": scaling,
     }
-    (RESULTS / "bench.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'bench.json'}", file=sys.stderr)
+    target.write_text(json.dumps(out, indent=2))
+    print(f"wrote {target}", file=sys.stderr)
 
 
 def main() -> None:
@@ -307,7 +321,16 @@ def main() -> None:
         default=[1, 10, 50],
         help="kernel counts for the scale run, comma-separated (default 1,10,50)",
     )
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one quick pass of every figure (CI runs this so the benchmark cannot rot; "
+        "its numbers mean nothing): --starts 1 --round-trips 5 --scale 1, 1 MB output",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.starts, args.round_trips, args.scale = 1, 5, [1]
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -227,10 +227,14 @@ def build_script(setup: EnvironmentSetup) -> str:
             + _fail(Failure.SETUP, f"cannot change directory to {setup.cwd}")
         )
     for number, line in enumerate(setup.setup, start=1):
-        lines.append(
-            f"eval {quote(line, what='setup line')} || "
-            + _fail(Failure.SETUP, f"setup line {number} failed: {line}")
-        )
+        quoted = quote(line, what="setup line")
+        lines += [
+            # Parse first: a syntax error inside $(...) would end this shell at the
+            # `eval` itself (status 127), before `||` could name the line.
+            f"bash --noprofile --norc -n -c {quoted} || "
+            + _fail(Failure.SETUP, f"setup line {number} is not valid shell: {line}"),
+            f"eval {quoted} || " + _fail(Failure.SETUP, f"setup line {number} failed: {line}"),
+        ]
     if setup.container is None:
         lines += [
             'command -v -- "$1" >/dev/null 2>&1 || npr_fail '

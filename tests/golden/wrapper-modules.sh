@@ -14,7 +14,9 @@ module purge || npr_fail 91 'module purge failed'
 module load python || npr_fail 91 'module load python failed'
 module load cudatoolkit/12.2 || npr_fail 91 'module load cudatoolkit/12.2 failed'
 cd -- /global/homes/u/user || npr_fail 92 'cannot change directory to /global/homes/u/user'
+bash --noprofile --norc -n -c 'conda activate myenv' || npr_fail 92 'setup line 1 is not valid shell: conda activate myenv'
 eval 'conda activate myenv' || npr_fail 92 'setup line 1 failed: conda activate myenv'
+bash --noprofile --norc -n -c 'export OMP_NUM_THREADS=4' || npr_fail 92 'setup line 2 is not valid shell: export OMP_NUM_THREADS=4'
 eval 'export OMP_NUM_THREADS=4' || npr_fail 92 'setup line 2 failed: export OMP_NUM_THREADS=4'
 command -v -- "$1" >/dev/null 2>&1 || npr_fail 93 "kernel command not found: $1 (PATH=$PATH)"
 if [ "${2:-}" = -m ] && [ -n "${3:-}" ]; then
