@@ -39,6 +39,17 @@ async def run_cell(kc: AsyncKernelClient, code: str, timeout: float = 60) -> Cel
     return CellResult(status=content["status"], stdout="".join(out), ename=content.get("ename", ""))
 
 
+async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; its last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return bool(predicate())
+
+
 async def output_after_reconnect(
     kc: AsyncKernelClient, code: str, expected: str, timeout: float = 20
 ) -> int:

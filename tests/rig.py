@@ -278,6 +278,20 @@ def require_compute_node() -> Rig:
     return require_rig("compute-node")
 
 
+def remote_config(ssh: SSHRig) -> dict[str, Any]:
+    """nersc-cori settings that reach the rig's login node (no ~/.ssh/config read)."""
+    if not ssh.remote_python:
+        pytest.fail("rig.json has no ssh.remote_python; run scripts/test-rig up")
+    return {
+        "host": ssh.host,
+        "user": ssh.user,
+        "identity_file": str(ssh.identity_file),
+        "known_hosts": [str(ssh.known_hosts)],
+        "ssh_config": "",
+        "remote_python": ssh.remote_python,
+    }
+
+
 def kill_sshd_sessions(pidfile: Path) -> int:
     """SIGKILL every sshd process serving a connection of the sshd of ``pidfile``.
 

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import KernelFactory
 from tests.kernels import ready_client, run_cell
-from tests.rig import SSHRig, require_ssh
+from tests.rig import SSHRig, remote_config, require_ssh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -38,14 +38,7 @@ def rig() -> SSHRig:
 
 @pytest.fixture
 def config(rig: SSHRig) -> dict[str, Any]:
-    return {
-        "host": rig.host,
-        "user": rig.user,
-        "identity_file": str(rig.identity_file),
-        "known_hosts": [str(rig.known_hosts)],
-        "ssh_config": "",
-        "remote_python": rig.remote_python,
-    }
+    return remote_config(rig)
 
 
 def as_intruder(rig: SSHRig, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

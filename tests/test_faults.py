@@ -28,8 +28,14 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from nersc_provisioner import LaunchError
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
-from tests.kernels import output_after_reconnect, ready_client, run_cell, shutdown_quietly
-from tests.rig import SSHRig, kill_sshd_sessions, require_ssh
+from tests.kernels import (
+    output_after_reconnect,
+    ready_client,
+    run_cell,
+    shutdown_quietly,
+    wait_until,
+)
+from tests.rig import SSHRig, kill_sshd_sessions, remote_config, require_ssh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -41,14 +47,7 @@ def rig() -> SSHRig:
 
 @pytest.fixture
 def config(rig: SSHRig) -> dict[str, Any]:
-    return {
-        "host": rig.host,
-        "user": rig.user,
-        "identity_file": str(rig.identity_file),
-        "known_hosts": [str(rig.known_hosts)],
-        "ssh_config": "",
-        "remote_python": rig.remote_python,
-    }
+    return remote_config(rig)
 
 
 def ours(rig: SSHRig) -> list[str]:
@@ -61,15 +60,6 @@ def ours(rig: SSHRig) -> list[str]:
         if "ipykernel" in line or ("npr-watchdog" in line and "npr-agent" not in line):
             found.append(line)
     return found
-
-
-async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(step)
-    return bool(predicate())
 
 
 async def test_connection_reset_in_the_middle_of_20_mb_of_output(

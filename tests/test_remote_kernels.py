@@ -23,8 +23,15 @@ from nersc_provisioner.errors import UnknownHostKeyError
 from nersc_provisioner.transports.connection import ConnectionPool
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
-from tests.kernels import output_after_reconnect, ready_client, run_cell
-from tests.rig import SSHRig, kill_sshd_sessions, require_jump, require_lmod, require_ssh
+from tests.kernels import output_after_reconnect, ready_client, run_cell, wait_until
+from tests.rig import (
+    SSHRig,
+    kill_sshd_sessions,
+    require_jump,
+    require_lmod,
+    require_ssh,
+)
+from tests.rig import remote_config as rig_remote_config
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -36,16 +43,7 @@ def rig() -> SSHRig:
 
 @pytest.fixture
 def remote_config(rig: SSHRig) -> dict[str, Any]:
-    if not rig.remote_python:
-        pytest.fail("rig.json has no ssh.remote_python; run scripts/test-rig up")
-    return {
-        "host": rig.host,
-        "user": rig.user,
-        "identity_file": str(rig.identity_file),
-        "known_hosts": [str(rig.known_hosts)],
-        "ssh_config": "",
-        "remote_python": rig.remote_python,
-    }
+    return rig_remote_config(rig)
 
 
 def remote_processes(rig: SSHRig, since: float = 0.0) -> list[str]:
@@ -73,15 +71,6 @@ def running(pid: int) -> bool:
 def ours(lines: list[str]) -> list[str]:
     marks = ("ipykernel", "npr-watchdog", "npr-agent", "nersc-kernel")
     return [line for line in lines if any(mark in line for mark in marks)]
-
-
-async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(step)
-    return bool(predicate())
 
 
 async def test_lifecycle_inside_the_namespace(

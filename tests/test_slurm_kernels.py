@@ -27,8 +27,8 @@ from nersc_provisioner.errors import ConfigError, UnknownHostKeyError
 from nersc_provisioner.provisioners import NERSCCoriProvisioner
 from nersc_provisioner.slurm import AllocationError, JobState, QueueTimeout
 from tests.conftest import KernelFactory
-from tests.kernels import ready_client, run_cell
-from tests.rig import Rig, require_compute_node, require_lmod
+from tests.kernels import ready_client, run_cell, wait_until
+from tests.rig import Rig, remote_config, require_compute_node, require_lmod
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -43,15 +43,7 @@ def config(rig: Rig) -> dict[str, Any]:
     ssh = rig.ssh
     assert ssh is not None
     assert ssh.remote_python
-    return {
-        "host": ssh.host,
-        "user": ssh.user,
-        "identity_file": str(ssh.identity_file),
-        "known_hosts": [str(ssh.known_hosts)],
-        "ssh_config": "",
-        "remote_python": ssh.remote_python,
-        "slurm": {"time": "10"},
-    }
+    return {**remote_config(ssh), "slurm": {"time": "10"}}
 
 
 def queue(user: str = "") -> list[tuple[str, str, str]]:
@@ -80,15 +72,6 @@ def kernel_processes(user: str, *, agents: bool = True) -> list[str]:
         if any(mark in line for mark in ("ipykernel", "npr-watchdog", "srun")):
             found.append(line)
     return found
-
-
-async def wait_until(predicate: Any, timeout: float, step: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(step)
-    return bool(predicate())
 
 
 def job_rows(user: str, job_id: str) -> list[tuple[str, str, str]]:
