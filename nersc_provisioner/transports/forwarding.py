@@ -16,6 +16,7 @@ backing off in between.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import socket
@@ -26,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import paramiko
+
+log = logging.getLogger("nersc_provisioner.forwarding")
 
 BUFFER_LIMIT = 4 * 1024 * 1024
 CHUNK = 256 * 1024
@@ -137,24 +140,33 @@ class PortForwarder:
                 timeout = wait if timeout is None else min(timeout, wait)
             for key, events in self._selector.select(timeout):
                 kind, obj = key.data
-                if kind == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                elif kind == "listen":
-                    self._accept(obj)
-                elif kind == "sock":
-                    self._on_sock(obj, events)
-                elif kind == "chan":
-                    self._on_chan(obj)
+                try:
+                    if kind == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                    elif kind == "listen":
+                        self._accept(obj)
+                    elif kind == "sock":
+                        self._on_sock(obj, events)
+                    elif kind == "chan":
+                        self._on_chan(obj)
+                except Exception:  # one stream's failure must not stop every other's
+                    log.exception("forwarding: dropping a stream after an error")
+                    if isinstance(obj, _Pair):
+                        self._close(obj)
             with self._lock:
                 todo, self._todo = self._todo, []
             for action in todo:
                 action()
             self._retry_held()
             for pair in list(self._pairs):
-                if pair.to_chan:
-                    self._flush_to_chan(pair)
-                self._update(pair)
+                try:
+                    if pair.to_chan:
+                        self._flush_to_chan(pair)
+                    self._update(pair)
+                except Exception:
+                    log.exception("forwarding: dropping a stream after an error")
+                    self._close(pair)
 
     def _accept(self, listener: socket.socket) -> None:
         try:
@@ -222,7 +234,7 @@ class PortForwarder:
                 data = pair.chan.recv(CHUNK)
             except TimeoutError:
                 break
-            except (OSError, paramiko.SSHException):
+            except (OSError, EOFError, paramiko.SSHException):
                 data = b""
             if not data:
                 pair.chan_eof = True
@@ -249,7 +261,8 @@ class PortForwarder:
                 sent = pair.chan.send(bytes(pair.to_chan[:CHUNK]))
             except TimeoutError:
                 return
-            except (OSError, paramiko.SSHException):
+            except (OSError, EOFError, paramiko.SSHException):
+                # (paramiko raises EOFError when the connection under it has gone)
                 self._close(pair)
                 return
             if sent <= 0:
@@ -299,10 +312,12 @@ class PortForwarder:
             return
         pair.closed = True
         self._pairs.discard(pair)
-        if pair.sock_events:
-            self._selector.unregister(pair.sock)
-        if pair.chan_events:
-            self._selector.unregister(pair.chan.fileno())
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            if pair.sock_events:
+                self._selector.unregister(pair.sock)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            if pair.chan_events:
+                self._selector.unregister(pair.chan.fileno())
         with contextlib.suppress(OSError):
             pair.sock.close()
         with contextlib.suppress(Exception):
