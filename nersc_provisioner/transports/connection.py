@@ -47,6 +47,7 @@ KEEPALIVE = 10
 # agent holds one; launches and other scripts share what is left, so that the
 # 11th kernel started at once waits for a session instead of being refused.
 EXEC_SESSIONS = 8
+SESSION_RETRIES = 5  # a refused session channel (MaxSessions momentarily full) is retried
 RENEW_EVERY = 5  # the agent renews each lease this often (lease_timeout >= 15)
 BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 _FATAL = (AuthenticationError, CertificateExpiredError, ChangedHostKeyError, UnknownHostKeyError)
@@ -264,19 +265,33 @@ class SSHConnection:
     ) -> tuple[int | None, list[str]]:
         """Run ``script`` on the host (see :func:`~.ssh.exec_script`)."""
         with self._sessions:
-            transport = self.transport()
-            if transport is None:
-                raise SSHConnectError(f"not connected to {self.target.label}")
-            try:
-                return exec_script(transport, script, timeout=timeout, on_line=on_line)
-            except TimeoutError:
-                raise
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise SSHConnectError(
-                    f"the connection to {self.target.label} failed during a command: "
-                    f"{type(exc).__name__}: {exc}",
-                    hint="it is being re-established; try again in a moment",
-                ) from exc
+            for attempt in range(SESSION_RETRIES + 1):
+                transport = self.transport()
+                if transport is None:
+                    raise SSHConnectError(f"not connected to {self.target.label}")
+                try:
+                    return exec_script(transport, script, timeout=timeout, on_line=on_line)
+                except TimeoutError:
+                    raise
+                except paramiko.ChannelException as exc:
+                    # The session was refused before anything ran: sshd frees a closed
+                    # session's slot a moment after we close it, so under many
+                    # simultaneous launches MaxSessions can still be full.  Retrying
+                    # runs nothing twice; this is a channel, not a login.
+                    if attempt == SESSION_RETRIES:
+                        raise SSHConnectError(
+                            f"{self.target.label} refused a session {attempt + 1} times: {exc}",
+                            hint="sshd's MaxSessions may be lower than 10 there; fewer "
+                            "kernels at once will do",
+                        ) from exc
+                    time.sleep(0.1 * (attempt + 1))
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    raise SSHConnectError(
+                        f"the connection to {self.target.label} failed during a command: "
+                        f"{type(exc).__name__}: {exc}",
+                        hint="it is being re-established; try again in a moment",
+                    ) from exc
+        raise SSHConnectError(f"no session on {self.target.label}")  # not reached
 
     def watch(self, kernel_ids: Iterable[str]) -> None:
         for kernel_id in kernel_ids:
