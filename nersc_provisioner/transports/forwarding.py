@@ -157,7 +157,10 @@ class PortForwarder:
             with self._lock:
                 todo, self._todo = self._todo, []
             for action in todo:
-                action()
+                try:
+                    action()
+                except Exception:
+                    log.exception("forwarding: an internal action failed")
             self._retry_held()
             for pair in list(self._pairs):
                 try:
