@@ -70,7 +70,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         write_spec(data, "soak", "nersc-cori", config)
         managers = [AsyncKernelManager(kernel_name="soak") for _ in range(args.kernels)]
         t0 = time.monotonic()
-        await asyncio.gather(*(km.start_kernel() for km in managers))
+        try:
+            await asyncio.gather(*(km.start_kernel() for km in managers))
+        except BaseException:  # leave no kernel behind on a failed start
+            await asyncio.gather(
+                *(km.shutdown_kernel(now=True) for km in managers if km.has_kernel),
+                return_exceptions=True,
+            )
+            raise
         clients = [km.client() for km in managers]
         for kc in clients:
             kc.start_channels()

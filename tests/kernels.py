@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,10 @@ async def run_cell(kc: AsyncKernelClient, code: str, timeout: float = 60) -> Cel
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     content = reply["content"]
     return CellResult(status=content["status"], stdout="".join(out), ename=content.get("ename", ""))
+
+
+#: When this test run began: processes older than that are not this run's to answer for.
+TESTS_STARTED = time.time()
 
 
 async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:

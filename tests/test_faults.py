@@ -29,6 +29,7 @@ from nersc_provisioner import LaunchError
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
 from tests.kernels import (
+    TESTS_STARTED,
     output_after_reconnect,
     ready_client,
     run_cell,
@@ -53,7 +54,9 @@ def config(rig: SSHRig) -> dict[str, Any]:
 def ours(rig: SSHRig) -> list[str]:
     """The rig user's kernels and watchdogs (not the agents of connections still open)."""
     found = []
-    for proc in psutil.process_iter(["username", "cmdline", "status"]):
+    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
+        if proc.info["create_time"] < TESTS_STARTED:  # not this run's (another run's leftovers)
+            continue
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["username"] != rig.user:
             continue
         line = " ".join(proc.info["cmdline"] or [])

@@ -27,7 +27,7 @@ from nersc_provisioner.errors import ConfigError, UnknownHostKeyError
 from nersc_provisioner.provisioners import NERSCCoriProvisioner
 from nersc_provisioner.slurm import AllocationError, JobState, QueueTimeout
 from tests.conftest import KernelFactory
-from tests.kernels import ready_client, run_cell, wait_until
+from tests.kernels import TESTS_STARTED, ready_client, run_cell, wait_until
 from tests.rig import Rig, remote_config, require_compute_node, require_lmod
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
@@ -63,7 +63,9 @@ def queue(user: str = "") -> list[tuple[str, str, str]]:
 def kernel_processes(user: str, *, agents: bool = True) -> list[str]:
     """Command lines of ``user``'s kernels, watchdogs, sruns (and our ssh agents)."""
     found = []
-    for proc in psutil.process_iter(["username", "cmdline", "status"]):
+    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
+        if proc.info["create_time"] < TESTS_STARTED:  # not this run's (another run's leftovers)
+            continue
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["username"] != user:
             continue
         line = " ".join(proc.info["cmdline"] or [])
