@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -173,6 +174,54 @@ async def measure(
     }
 
 
+def kill_sshd_sessions() -> int:
+    """Kill both halves of every session of the rig's login-node sshd: a TCP reset."""
+    pidfile = Path(json.loads(RIG.read_text())["ssh"]["sshd_pidfile"])
+    master = psutil.Process(int(pidfile.read_text()))
+    sessions = [p for p in master.children(recursive=True) if p.name() == "sshd"]
+    for proc in sessions:
+        proc.kill()
+    return len(sessions)
+
+
+async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
+    """From killing the sshd serving the connection to a cell's output, with a variable kept."""
+    km, kc, _ = await started(name)
+    samples, tries_total = [], 0
+    try:
+        await kc.execute_interactive("kept = 'kept'", timeout=30)
+        conn = km.provisioner._conn  # type: ignore[union-attr]
+        for _ in range(repeats):
+            before = conn.reconnects
+            kill_sshd_sessions()
+            t0 = time.perf_counter()
+            # A request written into the old TCP connection before the reset is noticed
+            # (about 0.2 s) is lost for good (ZeroMQ does not resend), so the cell is
+            # sent once the connection is back, as the fault tests do.
+            while conn.reconnects == before and time.perf_counter() - t0 < 60:
+                await asyncio.sleep(0.02)
+            while True:  # a cell whose output is lost (late IOPub) is retried, and counted
+                tries_total += 1
+                out: list[str] = []
+
+                def hook(msg: dict[str, Any], out: list[str] = out) -> None:
+                    if msg["msg_type"] == "stream":
+                        out.append(msg["content"]["text"])
+
+                with contextlib.suppress(TimeoutError):
+                    await kc.execute_interactive("print(kept)", timeout=5, output_hook=hook)
+                if "".join(out).strip() == "kept":
+                    break
+                if time.perf_counter() - t0 > 60:
+                    raise RuntimeError("no recovery within 60 s")
+            samples.append(time.perf_counter() - t0)
+            await asyncio.sleep(1)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    return {"drop_recovery_s": quantiles(samples), "tries": tries_total}
+
+
 async def scale(name: str, count: int, calls: int = 20) -> dict[str, Any]:
     """``count`` kernels at once: start time, round trips under load, our own footprint."""
     me = psutil.Process()
@@ -286,6 +335,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 repeats=1 if args.smoke else 3,
                 megabytes=1 if args.smoke else 20,
             )
+        recovery: dict[str, dict[str, Any]] = {}
+        for label in ("nersc-cori (rig sshd)", "nersc-cori (Slurm job)"):
+            if label in names:
+                print(f"drop recovery: {label} ...", file=sys.stderr)
+                recovery[label] = await drop_recovery(names[label], 1 if args.smoke else 5)
         scaling: dict[str, list[dict[str, Any]]] = {}
         for label in ("local-provisioner", "nersc-cori (rig sshd)"):
             if label not in names:
@@ -294,6 +348,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(f"scale: {count} x {label} ...", file=sys.stderr)
                 scaling.setdefault(label, []).append(await scale(names[label], count))
     print(table(results))
+    print()
+    for label, figures in recovery.items():
+        q = figures["drop_recovery_s"]
+        print(
+            f"drop recovery   {label:<26}{q['median']:>10.3f}{q['p95']:>10.3f}"
+            f"   (n={q['n']}, cells tried {figures['tries']})"
+        )
     print()
     print(scale_table(scaling))
     RESULTS.mkdir(exist_ok=True)
@@ -305,6 +366,7 @@ async def main_async(args: argparse.Namespace) -> None:
             "cpus": os.cpu_count(),
         },
         "results": results,
+        "drop_recovery": recovery,
         "scale": scaling,
     }
     target.write_text(json.dumps(out, indent=2))
