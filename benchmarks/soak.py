@@ -30,9 +30,7 @@ import psutil
 from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, rig_config, write_spec
-
-RIG = Path(os.environ.get("NERSC_RIG_DIR") or "/var/tmp/nersc-provisioner-rig") / "rig.json"
+from bench import RESULTS, RIG, kill_sshd_sessions, rig_config, write_spec
 
 
 def _quiet(msg: dict[str, Any]) -> None:
@@ -46,17 +44,6 @@ def footprint() -> dict[str, float]:
         "fds": me.num_fds(),
         "rss_mb": round(me.memory_info().rss / 1e6, 1),
     }
-
-
-def kill_sshd_children() -> int:
-    pidfile = Path(json.loads(RIG.read_text())["ssh"]["sshd_pidfile"])
-    master = psutil.Process(int(pidfile.read_text()))
-    # Both halves of each session: killing the root monitor alone leaves the TCP
-    # connection up, held by the user's half.
-    sessions = [p for p in master.children(recursive=True) if p.name() == "sshd"]
-    for proc in sessions:
-        proc.kill()
-    return len(sessions)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +94,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async def dropper() -> None:
             while time.monotonic() + args.drop_every < stop:
                 await asyncio.sleep(args.drop_every)
-                counts["drops"] += kill_sshd_children() > 0
+                counts["drops"] += kill_sshd_sessions() > 0
 
         async def reporter() -> None:
             minute = 0
