@@ -193,6 +193,23 @@ def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
         assert kernel.wait(timeout=5) == -15
         assert ask("cleanup 6 kid") == "ok"
         assert not base.exists()
+        # A command name with ") " and digits in it must not shift the stat fields.
+        base.mkdir(parents=True)
+        connection.write_text("{}")
+        odd = tmp_path / "k) 7 8 9"
+        odd.symlink_to(sys.executable)
+        kernel = subprocess.Popen(
+            [str(odd), "-c", "import time; time.sleep(300)", str(connection)],
+            start_new_session=True,
+        )
+        wait_for = time.monotonic() + 10
+        while "k) 7" not in Path(f"/proc/{kernel.pid}/stat").read_text():
+            assert time.monotonic() < wait_for, "the stand-in never exec'd"
+            time.sleep(0.01)
+        stat = Path(f"/proc/{kernel.pid}/stat").read_text()
+        start = stat.rpartition(") ")[2].split()[19]
+        assert ask(f"alive 7 {kernel.pid} {start} kid") == "alive"
+        assert ask(f"alive 8 {kernel.pid} 7 kid") == "dead"
     finally:
         agent.kill()
         agent.communicate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -78,6 +79,13 @@ def test_connects_into_the_namespace(rig: SSHRig) -> None:
     try:
         assert rig.host in run(login.client, "hostname -I").split()
         assert run(login.client, "id -un").strip() == rig.user
+        # AES-GCM is preferred (no per-packet HMAC in Python); the socket has no Nagle delay.
+        transport = login.client.get_transport()
+        assert transport is not None
+        assert transport.local_cipher == transport.remote_cipher == "aes128-gcm@openssh.com"
+        sock = transport.sock
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         login.close()
 

@@ -165,9 +165,17 @@ AGENT = r"""# nersc_provisioner agent: one per SSH connection, on a PTY session
 stty -echo 2>/dev/null
 base=$HOME/.nersc_provisioner/kernels; every=$1; watched=""
 verify() {  # verify PID START ID: the process is that kernel, not a reused PID
-  [ -r "/proc/$1/stat" ] || return 1
-  [ "$(cut -d' ' -f22 "/proc/$1/stat" 2>/dev/null)" = "$2" ] || return 1
-  tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$base/$3/connection.json"
+  # Builtins only (no cut/tr/grep): an interrupt waits for this answer.
+  local stat arg; local -a fields args
+  { read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 1
+  # Fields after "(comm)" start at field 3, so the start time (field 22) is [19].
+  read -r -a fields <<< "${stat##*) }"
+  [ "${fields[19]}" = "$2" ] || return 1
+  { mapfile -d '' -t args < "/proc/$1/cmdline"; } 2>/dev/null || return 1
+  for arg in "${args[@]}"; do
+    case $arg in *"$base/$3/connection.json"*) return 0 ;; esac
+  done
+  return 1
 }
 renew() { for k in $watched; do [ -d "$base/$k" ] && : > "$base/$k/lease"; done; }
 unwatchdog() {  # end kernel $1's watchdog (its whole session), verified by its command line
