@@ -45,6 +45,7 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -132,45 +132,75 @@ async def throughput(kc: AsyncKernelClient, megabytes: int = 20) -> float:
     return received / 1e6 / elapsed
 
 
-async def measure(
-    name: str, starts: int, round_trips: int, repeats: int = 3, megabytes: int = 20
-) -> dict[str, Any]:
-    cold_s, start_s, shutdown_s = [], [], []
-    for _ in range(starts):  # cold: no other kernel, so a remote start logs in first
-        km, kc, elapsed = await started(name)
-        cold_s.append(elapsed)
-        kc.stop_channels()
-        await km.shutdown_kernel()
+async def measure_all(
+    names: dict[str, str], starts: int, round_trips: int, repeats: int, megabytes: int
+) -> dict[str, dict[str, Any]]:
+    """Every figure for every row, the rows taking turns within each figure.
 
-    km, kc, _ = await started(name)  # held open: the starts below are warm
+    Taking turns (one sample or block per row, then the next round) keeps slow
+    drifts of a shared machine (other load, CPU frequency, page cache) from
+    landing on one row: the ratios compare samples taken minutes, not seconds,
+    apart otherwise.
+    """
+    samples: dict[str, dict[str, list[float]]] = {label: {} for label in names}
+
+    def add(label: str, figure: str, value: float) -> None:
+        samples[label].setdefault(figure, []).append(value)
+
+    for _ in range(starts):  # cold: no other kernel, so a remote start logs in first
+        for label, name in names.items():
+            km, kc, elapsed = await started(name)
+            add(label, "start_cold_s", elapsed)
+            kc.stop_channels()
+            await km.shutdown_kernel()
+
+    held: dict[str, tuple[AsyncKernelManager, AsyncKernelClient]] = {}
     try:
+        for label, name in names.items():  # held open: the starts below are warm
+            km, kc, _ = await started(name)
+            held[label] = (km, kc)
         for _ in range(starts):
-            other, other_kc, elapsed = await started(name)
-            start_s.append(elapsed)
-            other_kc.stop_channels()
-            shutdown_s.append(await timed(lambda other=other: other.shutdown_kernel()))
-        rtt = []
-        for _ in range(round_trips):
-            rtt.append(await timed(lambda: kc.execute_interactive("pass", timeout=30)))
-        mbps = [await throughput(kc, megabytes) for _ in range(repeats)]
-        interrupt_s = [await interrupt_once(km, kc) for _ in range(repeats)]
-        restart_s = []
+            for label, name in names.items():
+                other, other_kc, elapsed = await started(name)
+                add(label, "start_s", elapsed)
+                other_kc.stop_channels()
+                add(label, "shutdown_s", await timed(other.shutdown_kernel))
+        rounds = max(1, min(10, round_trips))
+        for index in range(rounds):
+            block = round_trips // rounds + (1 if index < round_trips % rounds else 0)
+            for label, (_, kc) in held.items():
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    await kc.execute_interactive("pass", timeout=30)
+                    add(label, "round_trip_ms", (time.perf_counter() - t0) * 1000)
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            await km.restart_kernel()
-            await kc.wait_for_ready(timeout=60)
-            restart_s.append(time.perf_counter() - t0)
+            for label, (_, kc) in held.items():
+                add(label, "iopub_MB_per_s", await throughput(kc, megabytes))
+        for _ in range(repeats):
+            for label, (km, kc) in held.items():
+                add(label, "interrupt_ms", await interrupt_once(km, kc) * 1000)
+        for _ in range(repeats):
+            for label, (km, kc) in held.items():
+                t0 = time.perf_counter()
+                await km.restart_kernel()
+                await kc.wait_for_ready(timeout=60)
+                add(label, "restart_s", time.perf_counter() - t0)
     finally:
-        kc.stop_channels()
-        await km.shutdown_kernel()
+        for km, kc in held.values():
+            kc.stop_channels()
+            await km.shutdown_kernel()
+    order = (
+        "start_cold_s",
+        "start_s",
+        "round_trip_ms",
+        "iopub_MB_per_s",
+        "interrupt_ms",
+        "restart_s",
+        "shutdown_s",
+    )
     return {
-        "start_cold_s": quantiles(cold_s),
-        "start_s": quantiles(start_s),
-        "round_trip_ms": quantiles([t * 1000 for t in rtt]),
-        "iopub_MB_per_s": quantiles(mbps),
-        "interrupt_ms": quantiles([t * 1000 for t in interrupt_s]),
-        "restart_s": quantiles(restart_s),
-        "shutdown_s": quantiles(shutdown_s),
+        label: {figure: quantiles(figures[figure]) for figure in order}
+        for label, figures in samples.items()
     }
 
 
@@ -187,7 +217,7 @@ def kill_sshd_sessions() -> int:
 async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
     """From killing the sshd serving the connection to a cell's output, with a variable kept."""
     km, kc, _ = await started(name)
-    samples, tries_total = [], 0
+    samples, tries_total, kept = [], 0, 0
     try:
         await kc.execute_interactive("kept = 'kept'", timeout=30)
         conn = km.provisioner._conn  # type: ignore[union-attr]
@@ -208,9 +238,13 @@ async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
                     if msg["msg_type"] == "stream":
                         out.append(msg["content"]["text"])
 
+                reply: dict[str, Any] = {}
                 with contextlib.suppress(TimeoutError):
-                    await kc.execute_interactive("print(kept)", timeout=5, output_hook=hook)
+                    reply = await kc.execute_interactive("print(kept)", timeout=5, output_hook=hook)
+                if reply.get("content", {}).get("ename") == "NameError":
+                    break  # the kernel answered but lost the variable: a new kernel
                 if "".join(out).strip() == "kept":
+                    kept += 1
                     break
                 if time.perf_counter() - t0 > 60:
                     raise RuntimeError("no recovery within 60 s")
@@ -219,7 +253,7 @@ async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
-    return {"drop_recovery_s": quantiles(samples), "tries": tries_total}
+    return {"drop_recovery_s": quantiles(samples), "tries": tries_total, "kept": kept}
 
 
 async def scale(name: str, count: int, calls: int = 20) -> dict[str, Any]:
@@ -231,8 +265,12 @@ async def scale(name: str, count: int, calls: int = 20) -> dict[str, Any]:
         "rss_mb": me.memory_info().rss / 1e6,
     }
     t0 = time.perf_counter()
-    kernels = await asyncio.gather(*(started(name) for _ in range(count)))
+    outcomes = await asyncio.gather(*(started(name) for _ in range(count)), return_exceptions=True)
     total_start = time.perf_counter() - t0
+    kernels = [k for k in outcomes if not isinstance(k, BaseException)]
+    for failure in outcomes:
+        if isinstance(failure, BaseException):
+            print(f"scale: a start failed: {failure!r}", file=sys.stderr)
     rtt: list[float] = []
 
     async def ping(kc: AsyncKernelClient) -> None:
@@ -252,6 +290,7 @@ async def scale(name: str, count: int, calls: int = 20) -> dict[str, Any]:
         await asyncio.gather(*(km.shutdown_kernel() for km, _, _ in kernels))
     return {
         "kernels": count,
+        "started": len(kernels),
         "total_start_s": total_start,
         "round_trip_ms": quantiles([t * 1000 for t in rtt]),
         "before": before,
@@ -289,6 +328,110 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+BASELINE = "local-provisioner"
+SLURM = "nersc-cori (Slurm job)"
+
+
+def targets(
+    results: dict[str, dict[str, Any]],
+    recovery: dict[str, dict[str, Any]],
+    scaling: dict[str, list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Issue 6's targets, each checked against the baseline measured in the same run."""
+    base = results[BASELINE]
+    checks: list[dict[str, Any]] = []
+
+    def check(figure: str, row: str, measured: str, target: str, met: bool) -> None:
+        checks.append(
+            {"figure": figure, "row": row, "measured": measured, "target": target, "met": met}
+        )
+
+    def med(row: str, figure: str) -> float:
+        return float(results[row][figure]["median"])
+
+    for row in results:
+        if not row.startswith("nersc-"):
+            continue
+        slurm = row == SLURM
+        if not slurm:  # a Slurm start includes sbatch and the queue wait
+            for figure, label, allowance in (
+                ("start_s", "warm start", 0.25),
+                ("start_cold_s", "cold start", 0.5),
+            ):
+                extra = med(row, figure) - med(BASELINE, figure)
+                check(label, row, f"{extra:+.3f} s", f"<= +{allowance} s", extra <= allowance)
+        ratio = med(row, "round_trip_ms") / med(BASELINE, "round_trip_ms")
+        check("round trip median", row, f"x{ratio:.3f}", "<= x1.05", ratio <= 1.05)
+        ratio = results[row]["round_trip_ms"]["p95"] / base["round_trip_ms"]["p95"]
+        check("round trip p95", row, f"x{ratio:.3f}", "<= x1.2", ratio <= 1.2)
+        ratio = med(row, "iopub_MB_per_s") / med(BASELINE, "iopub_MB_per_s")
+        check("IOPub throughput", row, f"x{ratio:.3f}", ">= x0.9", ratio >= 0.9)
+        ms = med(row, "interrupt_ms")
+        ratio = ms / med(BASELINE, "interrupt_ms")
+        check(
+            "interrupt",
+            row,
+            f"x{ratio:.2f}, {ms:.1f} ms",
+            "<= x1.3, < 100 ms",
+            ratio <= 1.3 and ms < 100,
+        )
+        allowance = 0.5 if slurm else 0.3
+        extra = med(row, "restart_s") - med(BASELINE, "restart_s")
+        check("restart", row, f"{extra:+.3f} s", f"<= +{allowance} s", extra <= allowance)
+        shutdown = med(row, "shutdown_s")
+        check("shutdown", row, f"{shutdown:.3f} s", "< 0.3 s", shutdown < 0.3)
+    for row, figures in recovery.items():
+        q = figures["drop_recovery_s"]
+        kept = figures["kept"] == q["n"]
+        check(
+            "drop recovery",
+            row,
+            f"{q['median']:.3f} s (p95 {q['p95']:.3f}), kept {figures['kept']}/{q['n']}",
+            "< 1 s, variable kept",
+            q["median"] < 1 and kept,
+        )
+    ours = [row for row in scaling if row != BASELINE]
+    for row in ours:
+        for run in scaling[row]:
+            count = run["kernels"]
+            if count < 50:
+                continue
+            base_run = next((r for r in scaling.get(BASELINE, []) if r["kernels"] == count), None)
+            check(
+                f"{count} kernels: all start",
+                row,
+                f"{run['started']}/{count}",
+                "all",
+                run["started"] == count,
+            )
+            if base_run is not None:
+                ratio = run["round_trip_ms"]["median"] / base_run["round_trip_ms"]["median"]
+                check(
+                    f"{count} kernels: round trip median", row, f"x{ratio:.2f}", "< x2", ratio < 2
+                )
+                extra = run["after"]["threads"] - base_run["after"]["threads"]
+                check(
+                    f"{count} kernels: threads",
+                    row,
+                    f"{extra:+d} over the baseline",
+                    f"bounded: < {count} (one per kernel)",
+                    extra < count,
+                )
+            per = run["rss_per_kernel_mb"]
+            check(f"{count} kernels: RSS", row, f"{per:.2f} MB/kernel", "< 2 MB/kernel", per < 2)
+    return checks
+
+
+def targets_table(checks: list[dict[str, Any]]) -> str:
+    lines = [f"{'target':<32}{'row':<26}{'measured':<34}{'target':<28}met"]
+    for c in checks:
+        lines.append(
+            f"{c['figure']:<32}{c['row']:<26}{c['measured']:<34}{c['target']:<28}"
+            f"{'yes' if c['met'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="nersc-bench-") as tmp:
         data = Path(tmp)
@@ -322,24 +465,25 @@ async def main_async(args: argparse.Namespace) -> None:
                     "nersc-cori",
                     {**remote, "slurm": {"time": "30"}},
                 )
-        results: dict[str, dict[str, Any]] = {}
         names = {}
         for index, (label, (provisioner, config)) in enumerate(configs.items()):
             names[label] = name = f"bench{index}"
             write_spec(data, name, provisioner, config)
-            print(f"measuring {label} ...", file=sys.stderr)
-            results[label] = await measure(
-                name,
-                args.starts,
-                args.round_trips,
-                repeats=1 if args.smoke else 3,
-                megabytes=1 if args.smoke else 20,
-            )
+        print(f"measuring {', '.join(names)} (taking turns) ...", file=sys.stderr)
+        results = await measure_all(
+            names,
+            args.starts,
+            args.round_trips,
+            repeats=1 if args.smoke else args.repeats,
+            megabytes=1 if args.smoke else 20,
+        )
         recovery: dict[str, dict[str, Any]] = {}
         for label in ("nersc-cori (rig sshd)", "nersc-cori (Slurm job)"):
             if label in names:
                 print(f"drop recovery: {label} ...", file=sys.stderr)
-                recovery[label] = await drop_recovery(names[label], 1 if args.smoke else 5)
+                recovery[label] = await drop_recovery(
+                    names[label], 1 if args.smoke else args.repeats
+                )
         scaling: dict[str, list[dict[str, Any]]] = {}
         for label in ("local-provisioner", "nersc-cori (rig sshd)"):
             if label not in names:
@@ -353,10 +497,13 @@ async def main_async(args: argparse.Namespace) -> None:
         q = figures["drop_recovery_s"]
         print(
             f"drop recovery   {label:<26}{q['median']:>10.3f}{q['p95']:>10.3f}"
-            f"   (n={q['n']}, cells tried {figures['tries']})"
+            f"   (n={q['n']}, cells tried {figures['tries']}, variable kept {figures['kept']})"
         )
     print()
     print(scale_table(scaling))
+    checks = targets(results, recovery, scaling)
+    print()
+    print(targets_table(checks))
     RESULTS.mkdir(exist_ok=True)
     target = RESULTS / ("bench-smoke.json" if args.smoke else "bench.json")
     out = {
@@ -368,6 +515,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "results": results,
         "drop_recovery": recovery,
         "scale": scaling,
+        "targets": checks,
     }
     target.write_text(json.dumps(out, indent=2))
     print(f"wrote {target}", file=sys.stderr)
@@ -377,6 +525,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=5, help="kernel starts per provisioner")
     parser.add_argument("--round-trips", type=int, default=200, help="execute('pass') samples")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="samples of throughput, interrupt, restart and drop recovery (default 5)",
+    )
     parser.add_argument(
         "--scale",
         type=lambda text: [int(n) for n in text.split(",") if n],

@@ -242,6 +242,19 @@ class PortForwarder:
             if not data:
                 pair.chan_eof = True
                 break
+            if not pair.to_sock:
+                # The usual case: nothing queued, so send straight from what was read
+                # and queue only the part the socket did not take (one copy fewer).
+                try:
+                    sent = pair.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(pair)
+                    return
+                if sent == len(data):
+                    continue
+                data = data[sent:]
             pair.to_sock += data
         self._flush_to_sock(pair)
 
