@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo bench bench-smoke soak rig rig-down lint typecheck pytest test clean
+.PHONY: venv demo bench bench-smoke soak datapath rig rig-down lint typecheck pytest test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench-smoke: venv
 	scripts/ensure-lmod
 	$(BIN)/python benchmarks/bench.py --smoke
 	$(BIN)/python benchmarks/soak.py --kernels 2 --minutes 0.25 --drop-every 5
+	$(BIN)/python benchmarks/datapath.py --repeats 1 --round-trips 5
+
+# Three data paths to one remote kernel (our tunnel, OpenSSH -L, direct CurveZMQ).
+datapath: venv
+	$(BIN)/python benchmarks/datapath.py
 
 # 20 kernels on one connection for 10 minutes, with a connection drop every minute.
 soak: venv
@@ -45,7 +50,7 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
-	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py
+	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

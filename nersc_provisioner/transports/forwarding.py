@@ -84,6 +84,11 @@ class PortForwarder:
         self._todo: list[Callable[[], None]] = []
         self._listeners: dict[socket.socket, ChannelOpener] = {}
         self._pairs: set[_Pair] = set()
+        # Pairs with bytes for a channel whose window was full: retried every
+        # CHANNEL_RETRY.  Only these and the pairs that had events are revisited
+        # after a wake-up, so the cost of one message does not grow with the
+        # number of streams (at 50 kernels there are 250).
+        self._blocked: set[_Pair] = set()
         # (when to try again, socket, opener, give up at): accepted, waiting for a channel
         self._held: list[tuple[float, socket.socket, ChannelOpener, float]] = []
         self._openers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nersc-forward-open")
@@ -134,12 +139,15 @@ class PortForwarder:
 
     def _run(self) -> None:
         while True:
-            timeout = CHANNEL_RETRY if any(p.to_chan for p in self._pairs) else None
+            timeout = CHANNEL_RETRY if self._blocked else None
             if self._held:
                 wait = max(0.0, min(due for due, *_ in self._held) - time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
+            touched: set[_Pair] = set(self._blocked)
             for key, events in self._selector.select(timeout):
                 kind, obj = key.data
+                if isinstance(obj, _Pair):
+                    touched.add(obj)
                 try:
                     if kind == "wake":
                         with contextlib.suppress(BlockingIOError):
@@ -162,7 +170,10 @@ class PortForwarder:
                 except Exception:
                     log.exception("forwarding: an internal action failed")
             self._retry_held()
-            for pair in list(self._pairs):
+            self._blocked.clear()
+            for pair in touched:
+                if pair.closed:
+                    continue
                 try:
                     if pair.to_chan:
                         self._flush_to_chan(pair)
@@ -170,6 +181,8 @@ class PortForwarder:
                 except Exception:
                     log.exception("forwarding: dropping a stream after an error")
                     self._close(pair)
+                if pair.to_chan and not pair.closed:
+                    self._blocked.add(pair)
 
     def _accept(self, listener: socket.socket) -> None:
         try:
@@ -328,6 +341,7 @@ class PortForwarder:
             return
         pair.closed = True
         self._pairs.discard(pair)
+        self._blocked.discard(pair)
         with contextlib.suppress(KeyError, ValueError, OSError):
             if pair.sock_events:
                 self._selector.unregister(pair.sock)
