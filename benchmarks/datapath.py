@@ -11,7 +11,9 @@ IOPub throughput (a cell printing 20 MB) and the ``execute("pass")`` round trip 
 * ``openssh -L``: OpenSSH's client forwarding the same remote kernel's ports (a
   C forwarder in its own process, no PTY session, so Nagle stays on at sshd);
 * ``direct + CurveZMQ``: a kernel bound to the rig host's own address with
-  CurveZMQ keys, reached with no SSH in the data path at all.
+  CurveZMQ keys, reached with no SSH in the data path at all;
+* ``direct, no encryption``: the same without CurveZMQ (a measurement only: what
+  encryption of any kind costs on this machine; never a mode to run kernels in).
 
 It exists to explain issue 6's throughput target (see docs/performance.md); it is
 not part of ``bench.py``'s table.
@@ -73,22 +75,22 @@ def openssh_forward(
 
 
 def direct_kernel(
-    workdir: Path, config: dict[str, Any]
+    workdir: Path, config: dict[str, Any], curve: bool
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """A kernel in the rig's namespace, bound to its address, with CurveZMQ keys."""
+    """A kernel in the rig's namespace, bound to its address, with or without CurveZMQ."""
     rig = json.loads(RIG.read_text())["ssh"]
     public, secret = zmq.curve_keypair()
+    keys = {"curve_publickey": public.decode(), "curve_secretkey": secret.decode()}
     info: dict[str, Any] = {
         **{name: free_port() for name in PORTS},  # free here is as good a guess as any
         "ip": config["host"],
         "transport": "tcp",
         "key": os.urandom(16).hex(),
         "signature_scheme": "hmac-sha256",
-        "curve_publickey": public.decode(),
-        "curve_secretkey": secret.decode(),
+        **(keys if curve else {}),
     }
     workdir.chmod(0o755)
-    connection = workdir / "direct.json"
+    connection = workdir / f"direct-{'curve' if curve else 'plain'}.json"
     connection.write_text(json.dumps(info))
     connection.chmod(0o600)
     shutil.chown(connection, config["user"])
@@ -125,9 +127,10 @@ async def main_async(args: argparse.Namespace) -> None:
             time.sleep(1.5)  # the listeners exist once ssh has logged in
             info = {**cori_km.get_connection_info(), **local_ports}
             clients["openssh -L (same kernel)"] = await ready_client(info)
-            proc, info = direct_kernel(data, config)
-            procs.append(proc)
-            clients["direct + CurveZMQ"] = await ready_client(info)
+            for curve, label in ((True, "direct + CurveZMQ"), (False, "direct, no encryption")):
+                proc, info = direct_kernel(data, config, curve)
+                procs.append(proc)
+                clients[label] = await ready_client(info)
             mbps: dict[str, list[float]] = {label: [] for label in clients}
             rtt: dict[str, list[float]] = {label: [] for label in clients}
             for _ in range(args.repeats):

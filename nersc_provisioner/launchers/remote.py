@@ -107,9 +107,17 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             f'setsid bash --noprofile --norc -c {quote(WATCHDOG)} npr-watchdog "$npr_dir" '
             f'"$npr_pid" {ttl} {every} </dev/null >/dev/null 2>&1 &',
             'npr_watchdog=$!; echo "$npr_watchdog" > "$npr_dir/watchdog"',
+            # Started = five ports in the file and the shell port listening.  The
+            # second half matters when the ports were given beforehand (data_path
+            # direct, at a restart: ipykernel merges into our file, so it looks
+            # complete from the start), and when a kernel writes its ports before
+            # binding them.
             "while :; do",
             '  n=$(grep -c \'_port": [1-9]\' "$npr_dir/connection.json" 2>/dev/null)',
-            '  [ "${n:-0}" -ge 5 ] && break',
+            '  p=$(sed -n \'s/.*"shell_port": \\([0-9]*\\).*/\\1/p\' "$npr_dir/connection.json" '
+            "2>/dev/null)",
+            '  if [ "${n:-0}" -ge 5 ] && [ "${p:-0}" -gt 0 ] && grep -q ":$(printf %04X "$p") '
+            '00000000:0000 0A" /proc/net/tcp 2>/dev/null; then break; fi',
             '  if ! kill -0 "$npr_pid" 2>/dev/null; then',
             '    wait "$npr_pid"; npr_code=$?',
             '    echo "NPR_DIED $npr_code"',

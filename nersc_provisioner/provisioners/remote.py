@@ -9,6 +9,10 @@ With a ``slurm`` section the kernel runs as a step of a Slurm job instead:
 the login connection submits and watches the job; a second connection, to
 the job's node and carried inside the login connection, starts the step and
 then does everything the login connection does for a login-node kernel.
+
+With ``data_path: direct`` no ZeroMQ byte goes through SSH: the kernel binds the
+address SSH reached (the login node's, or the job node's), with CurveZMQ
+required, and Jupyter connects to it; SSH still launches, watches and signals it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import contextlib
 import functools
 import re
 import signal
+import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
@@ -26,7 +32,7 @@ from typing import Any, ClassVar
 import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, default, validate
 
 from ..errors import (
     ConfigError,
@@ -143,6 +149,15 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     reconnect_grace = Float(
         300.0, help="Seconds a kernel is still reported alive while its connection is down."
     ).tag(config=True)
+    data_path = CaselessStrEnum(
+        ["tunnel", "direct"],
+        "tunnel",
+        help="How Jupyter reaches the kernel's ZeroMQ ports. tunnel: forwarded over the SSH "
+        "connection, the kernel bound to the host's 127.0.0.1 (works from anywhere SSH "
+        "works). direct: the kernel binds the address SSH reached (the login node's, or the "
+        "job node's) and Jupyter connects to it with CurveZMQ required; faster, but only "
+        "where that address is reachable (inside the site's network).",
+    ).tag(config=True)
 
     @default("host")
     def _default_host(self) -> str:
@@ -177,6 +192,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     _login_target: SSHTarget | None = None
     _listeners: dict[str, Any] | None = None
     _iopub_opened_at: float | None = None
+    #: data_path direct: the kernel's ports, asked for again at a restart so that
+    #: the clients' connections stay valid.
+    _direct_ports: dict[str, int] | None = None
     # Slurm mode
     _allocation: SlurmAllocation | None = None
     _job: SlurmJob | None = None
@@ -196,6 +214,10 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             known_hosts=self.known_hosts,
             fallback_identity_file=self.system.identity_file,
         )
+
+    @property
+    def direct(self) -> bool:
+        return str(self.data_path) == "direct"
 
     @property
     def has_process(self) -> bool:
@@ -302,6 +324,31 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             await self._release_node_connection()
             raise
         return conn
+
+    def _direct_address(self) -> str:
+        """data_path direct: the IPv4 address the kernel binds and Jupyter connects to."""
+        if self.in_slurm:
+            host = self._job.node_addr if self._job is not None else ""
+        else:
+            conn, target = self._conn, self._target
+            if conn is None or target is None:
+                raise SSHConnectError("no connection to the kernel's host")
+            if target.jumps or target.proxy_command:
+                raise ConfigError(
+                    f"data_path 'direct': {target.label} is reached through "
+                    f"{'ProxyJump' if target.jumps else 'ProxyCommand'}, so this machine "
+                    "cannot connect to the kernel's ports directly",
+                    hint="set data_path to tunnel",
+                )
+            host = conn.target.address or target.hostname
+        try:
+            found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(
+                f"data_path 'direct': cannot resolve {host!r} to an IPv4 address: {exc}",
+                hint="set data_path to tunnel",
+            ) from None
+        return str(found[0][4][0])
 
     def _node_target(self, address: str) -> SSHTarget:
         """A job's node, as the login node's user and keys reach it (from the login node)."""
@@ -543,18 +590,27 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
+        if self.direct and self.transport_encryption == "disabled":
+            raise ConfigError(
+                "data_path 'direct' puts the kernel's ports on the network, so it needs "
+                "CurveZMQ, but transport_encryption is 'disabled'",
+                hint="set transport_encryption to auto or required, or data_path to tunnel",
+            )
         # The local ports exist before any wait (a Slurm queue), so that the kernel
-        # manager can address the kernel while it is pending.
-        if self._listeners is None:
+        # manager can address the kernel while it is pending.  (Direct: the kernel's
+        # own ports, known once it runs.)
+        if self._listeners is None and not self.direct:
             self._open_listeners()
         listeners = self._listeners or {}
         if km is not None:
             km.transport = "tcp"
-            km.ip = "127.0.0.1"
-            for name, listener in listeners.items():
-                setattr(km, name, listener.getsockname()[1])
+            if not self.direct:
+                km.ip = "127.0.0.1"
+                for name, listener in listeners.items():
+                    setattr(km, name, listener.getsockname()[1])
             self._provide_curve_keys(km)
-            km.write_connection_file()
+            if not self.direct:
+                km.write_connection_file()
             self.connection_info = km.get_connection_info()
         self._job_end = None
         self._shut_down_while_pending = False
@@ -575,15 +631,18 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     def _provide_curve_keys(self, km: Any) -> None:
         """Give the manager a CurveZMQ server key pair (kept across restarts), per policy."""
         policy = self.transport_encryption
+        if self.direct:
+            policy = "required"  # the ports are on the network
         if policy == "disabled":
             km.curve_publickey = km.curve_secretkey = None
             return
         if not zmq.has("curve"):
             if policy == "required":
                 raise ConfigError(
-                    "transport_encryption is 'required', but this pyzmq has no CurveZMQ",
+                    "CurveZMQ is required (transport_encryption 'required', or data_path "
+                    "'direct'), but this pyzmq has no CurveZMQ",
                     hint="install pyzmq from a PyPI wheel (it bundles libsodium), or set "
-                    "transport_encryption to auto",
+                    "transport_encryption to auto and data_path to tunnel",
                 )
             self.log.warning(
                 "%s: this pyzmq has no CurveZMQ; the kernel's sockets are not encrypted",
@@ -613,9 +672,14 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             for name in ("curve_publickey", "curve_secretkey")
             if self.connection_info.get(name)
         }
+        bind_ip = "127.0.0.1"
+        ports = dict.fromkeys(PORT_NAMES, 0)
+        if self.direct:
+            bind_ip = await in_thread(self._direct_address)
+            ports = dict(self._direct_ports or ports)  # a restart asks for the same ports
         connection = {
-            **dict.fromkeys(PORT_NAMES, 0),
-            "ip": "127.0.0.1",
+            **ports,
+            "ip": bind_ip,
             "transport": "tcp",
             "signature_scheme": self.connection_info.get("signature_scheme", "hmac-sha256"),
             "key": key.decode() if isinstance(key, bytes) else str(key),
@@ -668,6 +732,15 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
         if curve and not report.curve:
+            if self.direct:
+                await self._abandon(kernel_id)
+                raise LaunchError(
+                    f"the kernel on {where} does not support CurveZMQ transport encryption "
+                    "(its ipykernel dropped the keys), which data_path 'direct' requires",
+                    hint="use an ipykernel with CurveZMQ support on the remote side, or set "
+                    "data_path to tunnel",
+                    command=cmd,
+                )
             if self.transport_encryption == "required":
                 await self._abandon(kernel_id)
                 raise LaunchError(
@@ -688,6 +761,40 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 where,
             )
             self._drop_curve_keys()
+        if self.direct:
+            ports = {name: report.ports.get(name, 0) for name in PORT_NAMES}
+            # The kernel may report its ports (or, at a restart, be given them) before
+            # it has bound them: wait until its shell port answers, or it has died.
+            alive = functools.partial(
+                conn.request, "alive", str(report.pid), report.start_time, kernel_id
+            )
+            try:
+                await in_thread(
+                    _wait_reachable, bind_ip, ports["shell_port"], alive, self.launch_timeout
+                )
+            except (OSError, SSHConnectError, TimeoutError) as exc:
+                tail = await self._kernel_log_tail(conn, kernel_id)
+                await self._abandon(kernel_id)
+                if isinstance(exc, ConnectionRefusedError):  # it ended before binding
+                    raise LaunchError(
+                        f"the kernel on {where} ended before it listened on "
+                        f"{bind_ip}:{ports['shell_port']}",
+                        hint="see its output below; at a restart, another process may "
+                        "have taken one of its ports",
+                        command=cmd,
+                        stderr=tail,
+                    ) from None
+                raise LaunchError(
+                    f"the kernel on {where} listens on {bind_ip}, but this machine cannot "
+                    f"reach {bind_ip}:{ports['shell_port']}: {exc}",
+                    hint="data_path 'direct' needs that address reachable from here (inside "
+                    "the site's network); use data_path tunnel",
+                    command=cmd,
+                    stderr=tail,
+                ) from None
+            self._direct_ports = ports
+            info: dict[str, Any] = {**self.connection_info, **ports, "ip": bind_ip}
+            self.connection_info = info  # type: ignore[assignment]
         self._stopping = False
         self.remote = RemoteKernel(
             kernel_id=kernel_id,
@@ -876,6 +983,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 alloc.request_stop("the kernel was shut down")
                 return
             self._close_listeners()
+            self._direct_ports = None
             if self.in_slurm:
                 await self._end_allocation()
             await self._release_connections()
@@ -912,14 +1020,40 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             self._allocation.owned = self._job.owned
         conn = await self._connection()
         self.remote.seen_reconnects = conn.reconnects
-        self._open_listeners()
         connection: dict[str, Any] = dict(self.connection_info)
         if isinstance(connection.get("key"), str):
             connection["key"] = connection["key"].encode()
+        if self.direct:  # the kernel's own address and ports, as saved
+            self._direct_ports = {name: int(connection[name]) for name in PORT_NAMES}
+        else:
+            self._open_listeners()
         for name, listener in (self._listeners or {}).items():
             connection[name] = listener.getsockname()[1]
         self.connection_info = connection  # type: ignore[assignment]
         await in_thread(conn.request, "watch", self.remote.kernel_id)
+
+
+def _wait_reachable(address: str, port: int, alive: Callable[[], str], timeout: float) -> None:
+    """Connect to ``address:port`` (the kernel's shell port), retrying while it is
+    refused and the kernel is alive.  Blocking.
+
+    Raises ConnectionRefusedError once the kernel has died, TimeoutError when the
+    time is up, and any other OSError (unreachable, filtered) at once.
+    """
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 0.5
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=min(5.0, timeout)):
+                return
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address}:{port} still refused after {timeout:g} s") from None
+            if time.monotonic() > next_check:
+                if alive() != "alive":
+                    raise
+                next_check = time.monotonic() + 0.5
+            time.sleep(0.02)
 
 
 def _allocate(alloc: SlurmAllocation, queue_timeout: float) -> tuple[str, str]:
