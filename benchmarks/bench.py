@@ -34,6 +34,10 @@ from jupyter_client.manager import AsyncKernelManager
 ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MODULEFILE = 'setenv("NERSC_BENCH_MODULE", "1")\n'
 RESULTS = Path(__file__).parent / "results"
+BASELINE = "local-provisioner"
+DIRECT = "nersc-cori (direct)"
+SLURM = "nersc-cori (Slurm job)"
+SLURM_DIRECT = "nersc-cori (Slurm, direct)"
 RIG = Path(os.environ.get("NERSC_RIG_DIR") or "/var/tmp/nersc-provisioner-rig") / "rig.json"
 
 
@@ -133,7 +137,12 @@ async def throughput(kc: AsyncKernelClient, megabytes: int = 20) -> float:
 
 
 async def measure_all(
-    names: dict[str, str], starts: int, round_trips: int, repeats: int, megabytes: int
+    names: dict[str, str],
+    starts: int,
+    round_trips: int,
+    repeats: int,
+    megabytes: int,
+    slurm_rows: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
     """Every figure for every row, the rows taking turns within each figure.
 
@@ -141,6 +150,10 @@ async def measure_all(
     drifts of a shared machine (other load, CPU frequency, page cache) from
     landing on one row: the ratios compare samples taken minutes, not seconds,
     apart otherwise.
+
+    Slurm rows hold no kernel during the warm starts: each of their kernels holds
+    a CPU of the rig's two-CPU node, and their login connection is kept open by
+    the login-node rows' kernels anyway.
     """
     samples: dict[str, dict[str, list[float]]] = {label: {} for label in names}
 
@@ -157,14 +170,19 @@ async def measure_all(
     held: dict[str, tuple[AsyncKernelManager, AsyncKernelClient]] = {}
     try:
         for label, name in names.items():  # held open: the starts below are warm
-            km, kc, _ = await started(name)
-            held[label] = (km, kc)
+            if label not in slurm_rows:
+                km, kc, _ = await started(name)
+                held[label] = (km, kc)
         for _ in range(starts):
             for label, name in names.items():
                 other, other_kc, elapsed = await started(name)
                 add(label, "start_s", elapsed)
                 other_kc.stop_channels()
                 add(label, "shutdown_s", await timed(other.shutdown_kernel))
+        for label in slurm_rows:
+            km, kc, _ = await started(names[label])
+            held[label] = (km, kc)
+        held = {label: held[label] for label in names}  # in the rows' order
         rounds = max(1, min(10, round_trips))
         for index in range(rounds):
             block = round_trips // rounds + (1 if index < round_trips % rounds else 0)
@@ -214,8 +232,11 @@ def kill_sshd_sessions() -> int:
     return len(sessions)
 
 
-async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
-    """From killing the sshd serving the connection to a cell's output, with a variable kept."""
+async def drop_recovery(name: str, repeats: int, direct: bool = False) -> dict[str, Any]:
+    """From killing the sshd serving the connection to a cell's output, with a variable kept.
+
+    ``direct``: the kernel's ports are not behind SSH, so the cell is sent at once.
+    """
     km, kc, _ = await started(name)
     samples, tries_total, kept = [], 0, 0
     try:
@@ -228,7 +249,7 @@ async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
             # A request written into the old TCP connection before the reset is noticed
             # (about 0.2 s) is lost for good (ZeroMQ does not resend), so the cell is
             # sent once the connection is back, as the fault tests do.
-            while conn.reconnects == before and time.perf_counter() - t0 < 60:
+            while not direct and conn.reconnects == before and time.perf_counter() - t0 < 60:
                 await asyncio.sleep(0.02)
             while True:  # a cell whose output is lost (late IOPub) is retried, and counted
                 tries_total += 1
@@ -249,6 +270,8 @@ async def drop_recovery(name: str, repeats: int) -> dict[str, Any]:
                 if time.perf_counter() - t0 > 60:
                     raise RuntimeError("no recovery within 60 s")
             samples.append(time.perf_counter() - t0)
+            while conn.reconnects == before and time.perf_counter() - t0 < 60:
+                await asyncio.sleep(0.02)  # the next kill must hit the new connection
             await asyncio.sleep(1)
     finally:
         kc.stop_channels()
@@ -317,19 +340,15 @@ def scale_table(rows: dict[str, list[dict[str, Any]]]) -> str:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     base = results["local-provisioner"]
-    rows = [f"{'figure':<16}{'provisioner':<26}{'median':>10}{'p95':>10}{'vs baseline':>14}"]
+    rows = [f"{'figure':<16}{'provisioner':<28}{'median':>10}{'p95':>10}{'vs baseline':>14}"]
     for figure in base:
         for name, figures in results.items():
             q = figures[figure]
             ratio = q["median"] / base[figure]["median"]
             rows.append(
-                f"{figure:<16}{name:<26}{q['median']:>10.3f}{q['p95']:>10.3f}{ratio:>13.2f}x"
+                f"{figure:<16}{name:<28}{q['median']:>10.3f}{q['p95']:>10.3f}{ratio:>13.2f}x"
             )
     return "\n".join(rows)
-
-
-BASELINE = "local-provisioner"
-SLURM = "nersc-cori (Slurm job)"
 
 
 def targets(
@@ -352,7 +371,7 @@ def targets(
     for row in results:
         if not row.startswith("nersc-"):
             continue
-        slurm = row == SLURM
+        slurm = row in (SLURM, SLURM_DIRECT)
         if not slurm:  # a Slurm start includes sbatch and the queue wait
             for figure, label, allowance in (
                 ("start_s", "warm start", 0.25),
@@ -423,10 +442,10 @@ def targets(
 
 
 def targets_table(checks: list[dict[str, Any]]) -> str:
-    lines = [f"{'target':<32}{'row':<26}{'measured':<34}{'target':<28}met"]
+    lines = [f"{'target':<32}{'row':<28}{'measured':<34}{'target':<38}met"]
     for c in checks:
         lines.append(
-            f"{c['figure']:<32}{c['row']:<26}{c['measured']:<34}{c['target']:<28}"
+            f"{c['figure']:<32}{c['row']:<28}{c['measured']:<34}{c['target']:<38}"
             f"{'yes' if c['met'] else 'NO'}"
         )
     return "\n".join(lines)
@@ -458,12 +477,16 @@ async def main_async(args: argparse.Namespace) -> None:
                 "nersc-cori",
                 {**remote, "transport_encryption": "disabled"},
             )
+            # data_path direct: the kernel binds the host's address (CurveZMQ
+            # required) and no ZeroMQ byte goes through SSH.
+            configs[DIRECT] = ("nersc-cori", {**remote, "data_path": "direct"})
             if rig_has_compute_node():
                 # A start includes sbatch and the queue wait; a restart is a new step
                 # in the same job.  Each kernel holds its own job (1 CPU of the node's 2).
-                configs["nersc-cori (Slurm job)"] = (
+                configs[SLURM] = ("nersc-cori", {**remote, "slurm": {"time": "30"}})
+                configs[SLURM_DIRECT] = (
                     "nersc-cori",
-                    {**remote, "slurm": {"time": "30"}},
+                    {**remote, "slurm": {"time": "30"}, "data_path": "direct"},
                 )
         names = {}
         for index, (label, (provisioner, config)) in enumerate(configs.items()):
@@ -476,16 +499,19 @@ async def main_async(args: argparse.Namespace) -> None:
             args.round_trips,
             repeats=1 if args.smoke else args.repeats,
             megabytes=1 if args.smoke else 20,
+            slurm_rows=frozenset(label for label in names if label in (SLURM, SLURM_DIRECT)),
         )
         recovery: dict[str, dict[str, Any]] = {}
-        for label in ("nersc-cori (rig sshd)", "nersc-cori (Slurm job)"):
+        for label in ("nersc-cori (rig sshd)", DIRECT, SLURM, SLURM_DIRECT):
             if label in names:
                 print(f"drop recovery: {label} ...", file=sys.stderr)
                 recovery[label] = await drop_recovery(
-                    names[label], 1 if args.smoke else args.repeats
+                    names[label],
+                    1 if args.smoke else args.repeats,
+                    direct=label in (DIRECT, SLURM_DIRECT),
                 )
         scaling: dict[str, list[dict[str, Any]]] = {}
-        for label in ("local-provisioner", "nersc-cori (rig sshd)"):
+        for label in ("local-provisioner", "nersc-cori (rig sshd)", DIRECT):
             if label not in names:
                 continue
             for count in args.scale:
@@ -496,7 +522,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for label, figures in recovery.items():
         q = figures["drop_recovery_s"]
         print(
-            f"drop recovery   {label:<26}{q['median']:>10.3f}{q['p95']:>10.3f}"
+            f"drop recovery   {label:<28}{q['median']:>10.3f}{q['p95']:>10.3f}"
             f"   (n={q['n']}, cells tried {figures['tries']}, variable kept {figures['kept']})"
         )
     print()

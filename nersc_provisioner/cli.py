@@ -187,6 +187,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="seconds without contact before the remote watchdog ends the kernel",
     )
+    remote.add_argument(
+        "--data-path",
+        choices=("tunnel", "direct"),
+        help="how Jupyter reaches the kernel's ports: tunnel (default: forwarded over SSH, "
+        "works from anywhere) or direct (the kernel binds the host's address, CurveZMQ "
+        "required; faster, but only where that address is reachable, e.g. Jupyter inside "
+        "NERSC). See docs/data-path.md",
+    )
     slurm = install.add_argument_group(
         "Slurm: run the kernel as a step of a Slurm job on a compute node",
         "With any of these, the kernel does not run on the login node: a job is submitted "
@@ -307,6 +315,7 @@ def _install(args: argparse.Namespace) -> int:
                 "remote_python": args.remote_python,
                 "remote_cwd": args.remote_cwd,
                 "lease_timeout": args.lease_timeout,
+                "data_path": args.data_path,
             }
         )
     else:
@@ -363,6 +372,7 @@ def _refuse_remote_flags(args: argparse.Namespace, slurm: dict[str, Any]) -> Non
             ("--remote-python", args.remote_python),
             ("--remote-cwd", args.remote_cwd),
             ("--lease-timeout", args.lease_timeout),
+            ("--data-path", args.data_path),
         )
         if value is not None
     ]

@@ -174,3 +174,18 @@ def test_show_remote_spec_prints_the_launch_script_without_a_key(jupyter_dirs: P
     assert "module load python" in shown.stdout
     assert 'wrapper.sh" 3 python -m ipykernel_launcher' in shown.stdout
     assert "run as: ssh perlmutter.nersc.gov bash --noprofile --norc -s" in shown.stdout
+
+
+def test_data_path_flag(jupyter_dirs: Path) -> None:
+    assert main(["install", "--user", "--name", "pm-direct", "--provisioner",
+                 "nersc-perlmutter", "--data-path", "direct"]) == 0  # fmt: skip
+    spec = json.loads((jupyter_dirs / "kernels" / "pm-direct" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"]["data_path"] == "direct"
+    refused = run_cli("install", "--user", "--name", "local-direct", "--data-path", "direct")
+    assert refused.returncode == 1
+    assert "--data-path" in refused.stderr
+    assert not (jupyter_dirs / "kernels" / "local-direct").exists()
+    bad = run_cli("install", "--user", "--name", "x", "--provisioner", "nersc-cori",
+                  "--data-path", "sideways")  # fmt: skip
+    assert bad.returncode == 2
+    assert "invalid choice" in bad.stderr

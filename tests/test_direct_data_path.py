@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from nersc_provisioner.errors import ConfigError, LaunchError
+from nersc_provisioner.transports.connection import ConnectionPool
 from nersc_provisioner.transports.forwarding import PortForwarder
 from tests.conftest import KernelFactory
 from tests.kernels import TESTS_STARTED, ready_client, run_cell, wait_until
@@ -71,7 +72,7 @@ def kernel_procs(user: str) -> list[str]:
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         line = " ".join(proc.info["cmdline"] or [])
-        if "ipykernel" in line or "npr-watchdog" in line:
+        if any(mark in line for mark in ("ipykernel", "npr-watchdog", "npr-agent")):
             found.append(line)
     return found
 
@@ -214,6 +215,9 @@ async def test_direct_through_a_jump_host_is_refused(
     with pytest.raises(ConfigError, match="ProxyJump") as info:
         await start_kernel(config, provisioner="nersc-perlmutter")
     assert "data_path to tunnel" in str(info.value)
+    # Nothing is left: no connection in the pool, no agent on the inner host.
+    assert ConnectionPool.count() == 0
+    assert await wait_until(lambda: not kernel_procs(jump.user), 10), kernel_procs(jump.user)
 
 
 async def test_direct_in_a_slurm_job(start_kernel: KernelFactory) -> None:

@@ -483,13 +483,18 @@ def test_setup_line_with_a_syntax_error_in_comsub_fails_with_92(tmp_path: Path, 
 # --- 4. the remote launch script: env values and argv through the 0600 wrapper file -------
 
 #: The "kernel": writes its env var and arguments to argv[1], then fills in five ports.
+# A stand-in kernel: reports what it got, listens on a shell port as a kernel does
+# (the launch script waits for that), writes its ports, and lingers briefly.
 LAUNCH_KERNEL = (
-    "import json, os, sys\n"
+    "import json, os, socket, sys, time\n"
     "out, cf, name = sys.argv[1:4]\n"
     "with open(out, 'w') as f: json.dump({'env': os.environ.get(name), 'argv': sys.argv[4:]}, f)\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
     "with open(cf) as f: info = json.load(f)\n"
     f"info.update(dict.fromkeys({list(PORT_NAMES)!r}, 1))\n"
+    "info['shell_port'] = s.getsockname()[1]\n"
     "with open(cf, 'w') as f: json.dump(info, f, indent=2)\n"
+    "time.sleep(0.3)\n"
 )
 
 

@@ -195,6 +195,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     #: data_path direct: the kernel's ports, asked for again at a restart so that
     #: the clients' connections stay valid.
     _direct_ports: dict[str, int] | None = None
+    _bind_ip = "127.0.0.1"
     # Slurm mode
     _allocation: SlurmAllocation | None = None
     _job: SlurmJob | None = None
@@ -616,6 +617,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         self._shut_down_while_pending = False
         try:
             await self._connection()
+            if self.direct:
+                self._bind_ip = await in_thread(self._direct_address)
         except asyncio.CancelledError:
             raise  # what is still in use is given back by the thread that uses it
         except BaseException:
@@ -675,7 +678,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         bind_ip = "127.0.0.1"
         ports = dict.fromkeys(PORT_NAMES, 0)
         if self.direct:
-            bind_ip = await in_thread(self._direct_address)
+            bind_ip = self._bind_ip
             ports = dict(self._direct_ports or ports)  # a restart asks for the same ports
         connection = {
             **ports,
