@@ -50,7 +50,7 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
-	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py
+	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
