@@ -63,7 +63,7 @@ class SSHConnection:
         self.login: SSHLogin | None = None
         self.node = ""
         self.reconnects = 0
-        #: When the last reconnect completed (time.monotonic()), or None.
+        #: When the last reconnect made its new login usable (time.monotonic()), or None.
         self.reconnected_at: float | None = None
         self.down_since: float | None = None
         self.fatal: SSHError | None = None
@@ -126,6 +126,11 @@ class SSHConnection:
             # Pin the address: a reconnect must reach the same login node.
             peer = transport.getpeername()[0]
             self.target = replace(self.target, address=peer)
+        if self.down_since is not None:
+            # Set before the new login is visible: a channel opened on it (IOPub's,
+            # say) must count as opened after the reconnect, or the provisioner's
+            # IOPub-first gate waits its full IOPUB_WAIT for nothing.
+            self.reconnected_at = time.monotonic()
         self.login = login
         self._start_agent(transport)
         self.down_since = None
@@ -197,7 +202,6 @@ class SSHConnection:
                     log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
                     continue
                 self.reconnects += 1
-                self.reconnected_at = time.monotonic()
                 log.warning(
                     "reconnected to %s after %.1f s",
                     self.target.label,
