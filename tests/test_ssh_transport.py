@@ -216,3 +216,27 @@ def test_no_key_at_all_is_named(
     with pytest.raises(AuthenticationError, match="no key to offer") as info:
         connect(target_for(rig, identity_files=(str(tmp_path / "missing"),)))
     assert "sshproxy.sh" in str(info.value)
+
+
+def test_many_commands_at_once_share_one_connection(rig: SSHRig) -> None:
+    """40 commands at once on one connection all run, once each: more sessions than
+    sshd's MaxSessions are queued by us, and a refused session (sshd frees a slot a
+    moment late) is retried, since nothing ran."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nersc_provisioner.transports.connection import SSHConnection
+
+    conn = SSHConnection(target_for(rig))
+    conn.open()
+    try:
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            results = list(
+                pool.map(
+                    lambda n: conn.run_script(f"echo ran-{n}", timeout=30),
+                    range(40),
+                )
+            )
+    finally:
+        conn.close()
+    assert [code for code, _ in results] == [0] * 40
+    assert [lines for _, lines in results] == [[f"ran-{n}"] for n in range(40)]

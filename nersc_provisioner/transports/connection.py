@@ -277,11 +277,23 @@ class SSHConnection:
                     return exec_script(transport, script, timeout=timeout, on_line=on_line)
                 except TimeoutError:
                     raise
-                except paramiko.ChannelException as exc:
+                except paramiko.SSHException as exc:
                     # The session was refused before anything ran: sshd frees a closed
                     # session's slot a moment after we close it, so under many
                     # simultaneous launches MaxSessions can still be full.  Retrying
-                    # runs nothing twice; this is a channel, not a login.
+                    # runs nothing twice; this is a channel, not a login.  (paramiko
+                    # hands a refusal's ChannelException to whichever thread asks
+                    # first, so a concurrent opener can see a bare "Unable to open
+                    # channel." for its own refusal, on a live connection.)
+                    refused = isinstance(exc, paramiko.ChannelException) or (
+                        str(exc) == "Unable to open channel." and transport.is_active()
+                    )
+                    if not refused:
+                        raise SSHConnectError(
+                            f"the connection to {self.target.label} failed during a "
+                            f"command: {type(exc).__name__}: {exc}",
+                            hint="it is being re-established; try again in a moment",
+                        ) from exc
                     if attempt == SESSION_RETRIES:
                         raise SSHConnectError(
                             f"{self.target.label} refused a session {attempt + 1} times: {exc}",
@@ -289,7 +301,7 @@ class SSHConnection:
                             "kernels at once will do",
                         ) from exc
                     time.sleep(0.1 * (attempt + 1))
-                except (paramiko.SSHException, EOFError, OSError) as exc:
+                except (EOFError, OSError) as exc:
                     raise SSHConnectError(
                         f"the connection to {self.target.label} failed during a command: "
                         f"{type(exc).__name__}: {exc}",
