@@ -292,6 +292,20 @@ def remote_config(ssh: SSHRig) -> dict[str, Any]:
     }
 
 
+def jump_ssh_config(path: Path, jump: JumpRig, proxy_jump: str) -> Path:
+    """An ssh config at ``path``: ``gate`` is the jump host, ``inner`` the host behind it,
+    reached with ``ProxyJump proxy_jump`` (e.g. "gate", or "gate,gate" for two hops)."""
+    common = (
+        f"  User {jump.user}\n  IdentityFile {jump.identity_file}\n"
+        f"  UserKnownHostsFile {jump.known_hosts}\n"
+    )
+    path.write_text(
+        f"Host inner\n  HostName {jump.inner_host}\n{common}  ProxyJump {proxy_jump}\n"
+        f"Host gate\n  HostName {jump.host}\n{common}"
+    )
+    return path
+
+
 def kill_sshd_sessions(pidfile: Path) -> int:
     """SIGKILL every sshd process serving a connection of the sshd of ``pidfile``.
 

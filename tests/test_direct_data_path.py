@@ -28,6 +28,7 @@ from tests.conftest import KernelFactory
 from tests.kernels import TESTS_STARTED, ready_client, run_cell, wait_until
 from tests.rig import (
     SSHRig,
+    jump_ssh_config,
     kill_sshd_sessions,
     remote_config,
     require_compute_node,
@@ -197,15 +198,7 @@ async def test_direct_through_a_jump_host_is_refused(
     start_kernel: KernelFactory, rig: SSHRig, tmp_path: Path
 ) -> None:
     jump = require_jump()
-    config_file = tmp_path / "ssh_config"
-    common = (
-        f"  User {jump.user}\n  IdentityFile {jump.identity_file}\n"
-        f"  UserKnownHostsFile {jump.known_hosts}\n"
-    )
-    config_file.write_text(
-        f"Host inner\n  HostName {jump.inner_host}\n{common}  ProxyJump gate\n"
-        f"Host gate\n  HostName {jump.host}\n{common}"
-    )
+    config_file = jump_ssh_config(tmp_path / "ssh_config", jump, "gate")
     config = {
         "host": "inner",
         "ssh_config": str(config_file),

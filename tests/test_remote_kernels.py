@@ -26,6 +26,7 @@ from tests.conftest import KernelFactory
 from tests.kernels import output_after_reconnect, ready_client, run_cell, wait_until
 from tests.rig import (
     SSHRig,
+    jump_ssh_config,
     kill_sshd_sessions,
     require_jump,
     require_lmod,
@@ -399,16 +400,8 @@ async def test_proxyjump_with_two_hops(
     start_kernel: KernelFactory, remote_config: dict[str, Any], tmp_path: Path
 ) -> None:
     jump = require_jump()
-    config_file = tmp_path / "ssh_config"
-    common = (
-        f"  User {jump.user}\n  IdentityFile {jump.identity_file}\n"
-        f"  UserKnownHostsFile {jump.known_hosts}\n"
-    )
     # inner is reachable only from inside the jump namespace; two hops lead there.
-    config_file.write_text(
-        f"Host inner\n  HostName {jump.inner_host}\n{common}  ProxyJump gate,gate\n"
-        f"Host gate\n  HostName {jump.host}\n{common}"
-    )
+    config_file = jump_ssh_config(tmp_path / "ssh_config", jump, "gate,gate")
     config = {
         "host": "inner",
         "ssh_config": str(config_file),
