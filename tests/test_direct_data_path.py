@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import zmq.asyncio
 from nersc_provisioner.errors import ConfigError, LaunchError
 from nersc_provisioner.transports.connection import ConnectionPool
 from nersc_provisioner.transports.forwarding import PortForwarder
+from nersc_provisioner.transports.zmtp import read_mechanism
 from tests.conftest import KernelFactory
 from tests.kernels import TESTS_STARTED, ready_client, run_cell, wait_until
 from tests.rig import (
@@ -140,6 +142,10 @@ async def test_the_network_sees_only_curvezmq(
     ctx = zmq.asyncio.Context()
     try:
         info = km.get_connection_info()
+        # What the kernel's own socket announces (the check launch_kernel makes, too).
+        shell = (str(info["ip"]), int(info["shell_port"]))  # type: ignore[typeddict-item]
+        with socket.create_connection(shell, timeout=5) as sock:
+            assert read_mechanism(sock) == "CURVE"
         address = f"tcp://{info['ip']}:{info['iopub_port']}"
         plain = ctx.socket(zmq.SUB)
         plain.subscribe(b"")

@@ -66,6 +66,7 @@ from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import RETRY, PortForwarder
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
+from ..transports.zmtp import read_mechanism
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
 from .options import LaunchPlan, WrapperOptions
 
@@ -325,6 +326,33 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             await self._release_node_connection()
             raise
         return conn
+
+    def _kernel_encrypts(self, conn: SSHConnection, report: LaunchReport, address: str) -> bool:
+        """Whether the kernel's shell socket announces CurveZMQ in its ZMTP greeting.
+
+        The connection file cannot tell: ipykernel merges its ports into it, so one
+        without CurveZMQ leaves our keys there.  Without an answer, the launch
+        script's reading of the file decides.  Blocking.
+        """
+        port = report.ports.get("shell_port", 0)
+        mechanism = ""
+        if self.direct:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((address, port), timeout=5.0) as sock,
+            ):
+                mechanism = read_mechanism(sock)
+        else:
+            chan = conn.open_forward(port)
+            if chan is not None:
+                try:
+                    mechanism = read_mechanism(chan)
+                finally:
+                    chan.close()
+        if not mechanism:
+            self.log.debug("%s: no ZMTP greeting from the kernel", self.provisioner_name)
+            return bool(report.curve)
+        return mechanism == "CURVE"
 
     def _direct_address(self) -> str:
         """data_path direct: the IPv4 address the kernel binds and Jupyter connects to."""
@@ -734,7 +762,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not report.done:
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
-        if curve and not report.curve:
+        if curve and not await in_thread(self._kernel_encrypts, conn, report, bind_ip):
             if self.direct:
                 await self._abandon(kernel_id)
                 raise LaunchError(
