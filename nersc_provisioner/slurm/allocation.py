@@ -36,9 +36,10 @@ log = logging.getLogger("nersc_provisioner.slurm")
 Runner = Callable[[Sequence[str], float], tuple[int, str, str]]
 
 POLL_EVERY = 1.0
-#: The first polls come sooner (0.1 s, 0.2 s, ... up to POLL_EVERY): an idle
-#: node often runs the job within a scheduling cycle, and a start should not wait
-#: a whole POLL_EVERY for it.  Five polls in the first 1.5 s, then one a second.
+#: The first polls come sooner: each wait is FIRST_POLL longer than the last, up to
+#: POLL_EVERY (10 polls in the first 5.5 s, then one a second).  An idle node often
+#: runs the job within a scheduling cycle, and a start should not wait a whole
+#: POLL_EVERY for it.
 FIRST_POLL = 0.1
 PROGRESS_EVERY = 5.0
 
