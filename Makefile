@@ -30,7 +30,7 @@ bench-smoke: venv
 	$(BIN)/python benchmarks/soak.py --kernels 2 --minutes 0.25 --drop-every 5
 	$(BIN)/python benchmarks/datapath.py --repeats 1 --round-trips 5
 
-# Three data paths to one remote kernel (our tunnel, OpenSSH -L, direct CurveZMQ).
+# One remote kernel reached four ways (our tunnel, OpenSSH -L, direct with and without CurveZMQ).
 datapath: venv
 	$(BIN)/python benchmarks/datapath.py
 
