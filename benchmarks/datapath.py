@@ -124,7 +124,7 @@ async def main_async(args: argparse.Namespace) -> None:
             remote = cori_km.provisioner.remote  # type: ignore[union-attr]
             proc, local_ports = openssh_forward(config, dict(remote.ports))
             procs.append(proc)
-            time.sleep(1.5)  # the listeners exist once ssh has logged in
+            # (ZeroMQ retries until ssh has logged in and listens; ready_client waits.)
             info = {**cori_km.get_connection_info(), **local_ports}
             clients["openssh -L (same kernel)"] = await ready_client(info)
             for curve, label in ((True, "direct + CurveZMQ"), (False, "direct, no encryption")):

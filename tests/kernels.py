@@ -88,3 +88,43 @@ async def shutdown_quietly(km: AsyncKernelManager) -> None:
     # here keeps its ResourceWarning from surfacing in whichever later test collects it.
     if getattr(km, "_created_context", False):
         km.context.destroy(linger=0)
+
+
+# Kernel launchers that stand in for an ipykernel without CurveZMQ support (run as
+# ``python -c SHIM -f {connection_file}`` on the remote side).
+
+#: Deletes the curve keys from the connection file before ipykernel reads it.
+DROPPING_SHIM = (
+    "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; "
+    "d = json.load(open(f)); d.pop('curve_publickey', None); d.pop('curve_secretkey', None); "
+    "json.dump(d, open(f, 'w')); "
+    "from ipykernel import kernelapp; kernelapp.launch_new_instance()"
+)
+
+#: *Merges* its ports into the connection file, as ipykernel 6 does
+#: (``dict(existing, **ours)``): the curve keys stay in the file although the
+#: kernel's sockets do not encrypt.  The kernel runs on a copy of the file without
+#: the keys; a thread merges its ports back into the original.
+MERGING_SHIM = """
+import json, os, sys, threading, time
+f = sys.argv[sys.argv.index('-f') + 1]
+ports = ('shell_port', 'iopub_port', 'stdin_port', 'control_port', 'hb_port')
+original = json.load(open(f))
+plain = f + '.plain.json'
+with open(os.open(plain, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as out:
+    json.dump({k: v for k, v in original.items() if not k.startswith('curve_')}, out)
+def merge():
+    while True:
+        try:
+            seen = json.load(open(plain))
+        except ValueError:
+            seen = {}
+        if all(seen.get(p) for p in ports):
+            json.dump({**original, **{p: seen[p] for p in ports}}, open(f, 'w'), indent=2)
+            return
+        time.sleep(0.02)
+threading.Thread(target=merge, daemon=True).start()
+sys.argv[sys.argv.index('-f') + 1] = plain
+from ipykernel import kernelapp
+kernelapp.launch_new_instance()
+"""

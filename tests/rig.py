@@ -306,6 +306,29 @@ def jump_ssh_config(path: Path, jump: JumpRig, proxy_jump: str) -> Path:
     return path
 
 
+def stop_sshd(ssh: SSHRig) -> None:
+    """Stop the login node's sshd: its master, then both halves of every session (the
+    user's half holds the TCP connection), so the host is unreachable until
+    :func:`start_sshd`."""
+    master = psutil.Process(int(ssh.sshd_pidfile.read_text()))
+    sessions = [p for p in master.children(recursive=True) if p.name() == "sshd"]
+    master.terminate()
+    master.wait(10)
+    for child in sessions:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def start_sshd(ssh: SSHRig) -> None:
+    """Start the login node's sshd again, as scripts/test-rig does."""
+    log = ssh.sshd_pidfile.parent / "sshd.log"
+    subprocess.run(
+        ["ip", "netns", "exec", ssh.netns, "/usr/sbin/sshd", "-f", str(ssh.sshd_config),
+         "-E", str(log)],
+        check=True,
+    )  # fmt: skip
+
+
 def kill_sshd_sessions(pidfile: Path) -> int:
     """SIGKILL every sshd process serving a connection of the sshd of ``pidfile``.
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import KernelFactory
-from tests.kernels import ready_client, run_cell
+from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
 from tests.rig import SSHRig, remote_config, require_ssh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
@@ -326,19 +326,15 @@ async def test_nothing_of_ours_lives_in_shared_temporary_directories(
             Path(f"/tmp/{name}").unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("shim", [DROPPING_SHIM, MERGING_SHIM], ids=["drops-keys", "merges"])
 async def test_curve_required_refuses_a_kernel_without_it(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, tmp_path: Path
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, shim: str
 ) -> None:
-    """An ipykernel that drops the curve keys: 'required' refuses it, 'auto' warns."""
-    # A kernel launcher that deletes the curve keys before ipykernel sees them, as an
-    # ipykernel without CurveZMQ support would ignore them.
-    shim = (
-        "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; "
-        "d = json.load(open(f)); d.pop('curve_publickey', None); d.pop('curve_secretkey', None); "
-        "json.dump(d, open(f, 'w')); "
-        "from ipykernel import kernelapp; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
-        "kernelapp.launch_new_instance()"
-    )
+    """An ipykernel without CurveZMQ, whether it drops the curve keys from its
+    connection file or (as ipykernel 6 does) merges its ports into the file and keeps
+    them: the kernel's own ZMTP greeting decides, not the file. 'required' and
+    data_path 'direct' refuse it; 'auto' runs it unencrypted, with a warning, and the
+    clients connect without CurveZMQ."""
     argv = [rig.remote_python, "-c", shim, "-f", "{connection_file}"]
     start = time.monotonic()
     with pytest.raises(Exception, match="does not support CurveZMQ") as info:
@@ -347,59 +343,9 @@ async def test_curve_required_refuses_a_kernel_without_it(
         )
     assert "transport_encryption" in str(info.value)
     assert time.monotonic() - start < 30
-    km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
-    assert km.curve_publickey is None  # the clients do not expect encryption
-    kc = await ready_client(km)
-    try:
-        result = await run_cell(kc, "print('plain')")
-        assert result.stdout.strip() == "plain"
-    finally:
-        kc.stop_channels()
-
-
-# An ipykernel without CurveZMQ support that *merges* its ports into the connection
-# file, as ipykernel 6 does (``dict(existing, **ours)``): the curve keys stay in the
-# file although the kernel's sockets do not encrypt.  The kernel runs on a copy of
-# the file without the keys; a thread merges its ports back into the original.
-MERGING_SHIM = """
-import json, os, sys, threading, time
-f = sys.argv[sys.argv.index('-f') + 1]
-ports = ('shell_port', 'iopub_port', 'stdin_port', 'control_port', 'hb_port')
-original = json.load(open(f))
-plain = f + '.plain.json'
-with open(os.open(plain, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as out:
-    json.dump({k: v for k, v in original.items() if not k.startswith('curve_')}, out)
-def merge():
-    while True:
-        try:
-            seen = json.load(open(plain))
-        except ValueError:
-            seen = {}
-        if all(seen.get(p) for p in ports):
-            json.dump({**original, **{p: seen[p] for p in ports}}, open(f, 'w'), indent=2)
-            return
-        time.sleep(0.02)
-threading.Thread(target=merge, daemon=True).start()
-sys.argv[sys.argv.index('-f') + 1] = plain
-from ipykernel import kernelapp
-kernelapp.launch_new_instance()
-"""
-
-
-async def test_a_kernel_that_keeps_the_keys_but_does_not_encrypt_is_caught(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
-) -> None:
-    """The kernel's own ZMTP greeting decides, not the connection file: 'required' and
-    data_path 'direct' refuse such a kernel; 'auto' runs it unencrypted, with a warning,
-    and the clients connect without CurveZMQ."""
-    argv = [rig.remote_python, "-c", MERGING_SHIM, "-f", "{connection_file}"]
-    for extra, words in (
-        ({"transport_encryption": "required"}, "transport_encryption"),
-        ({"data_path": "direct"}, "data_path 'direct' requires"),
-    ):
-        with pytest.raises(Exception, match="does not support CurveZMQ") as info:
-            await start_kernel({**config, **extra}, argv=argv, provisioner="nersc-cori")
-        assert words in str(info.value)
+    with pytest.raises(Exception, match="does not support CurveZMQ") as info:
+        await start_kernel({**config, "data_path": "direct"}, argv=argv, provisioner="nersc-cori")
+    assert "data_path 'direct' requires" in str(info.value)
     km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
     assert km.curve_publickey is None  # the clients do not expect encryption
     kc = await ready_client(km)

@@ -10,7 +10,6 @@ named reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from nersc_provisioner.transports.connection import ConnectionPool
 from nersc_provisioner.transports.forwarding import PortForwarder
 from nersc_provisioner.transports.zmtp import read_mechanism
 from tests.conftest import KernelFactory
-from tests.kernels import TESTS_STARTED, ready_client, run_cell, wait_until
+from tests.kernels import DROPPING_SHIM, TESTS_STARTED, ready_client, run_cell, wait_until
 from tests.rig import (
     SSHRig,
     jump_ssh_config,
@@ -35,6 +34,8 @@ from tests.rig import (
     require_compute_node,
     require_jump,
     require_ssh,
+    start_sshd,
+    stop_sshd,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
@@ -102,23 +103,12 @@ async def test_direct_lifecycle_listens_on_the_host_and_works_while_ssh_is_down(
         # and stays down while the cell runs, which it does, with the variable kept.
         conn = km.provisioner._conn  # type: ignore[union-attr]
         before = conn.reconnects
-        master = psutil.Process(int(rig.sshd_pidfile.read_text()))
-        sessions = [p for p in master.children(recursive=True) if p.name() == "sshd"]
-        master.terminate()
-        master.wait(10)
-        for child in sessions:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+        stop_sshd(rig)
         assert await wait_until(lambda: not conn.connected, 10)
         result = await run_cell(kc, "print(kept)", timeout=10)
         assert result.stdout.strip() == "kept"
         assert not conn.connected  # answered while SSH was down
-        log = rig.sshd_pidfile.parent / "sshd.log"  # as scripts/test-rig starts it
-        subprocess.run(
-            ["ip", "netns", "exec", rig.netns, "/usr/sbin/sshd", "-f", str(rig.sshd_config),
-             "-E", str(log)],
-            check=True,
-        )  # fmt: skip
+        start_sshd(rig)
         assert await wait_until(lambda: conn.reconnects > before, 20)  # SSH itself came back
 
         msg_id = kc.execute("import time; time.sleep(60)")
@@ -199,14 +189,7 @@ async def test_direct_without_encryption_is_refused(
 async def test_direct_with_a_kernel_that_drops_curve_is_refused(
     start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
 ) -> None:
-    # An ipykernel that drops the CurveZMQ keys (as one without CurveZMQ does).
-    shim = (
-        "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; "
-        "d = json.load(open(f)); d.pop('curve_publickey', None); d.pop('curve_secretkey', None); "
-        "json.dump(d, open(f, 'w')); "
-        "from ipykernel import kernelapp; kernelapp.launch_new_instance()"
-    )
-    argv = [rig.remote_python, "-c", shim, "-f", "{connection_file}"]
+    argv = [rig.remote_python, "-c", DROPPING_SHIM, "-f", "{connection_file}"]
     with pytest.raises(LaunchError, match="data_path 'direct' requires"):
         await start_kernel(config, argv=argv, provisioner="nersc-cori")
     assert await wait_until(lambda: not kernel_procs(rig.user), 10), kernel_procs(rig.user)

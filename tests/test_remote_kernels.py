@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ from tests.rig import (
     require_jump,
     require_lmod,
     require_ssh,
+    start_sshd,
+    stop_sshd,
 )
 from tests.rig import remote_config as rig_remote_config
 
@@ -478,22 +479,10 @@ async def test_restarted_sshd_is_survived(
         await run_cell(kc, "kept = 41 + 1")
         conn = km.provisioner._conn  # type: ignore[union-attr]
         before = conn.reconnects
-        master = psutil.Process(int(rig.sshd_pidfile.read_text()))
-        # Both halves of every session (the user's half holds the TCP connection).
-        children = [p for p in master.children(recursive=True) if p.name() == "sshd"]
-        master.terminate()
-        master.wait(10)
-        for child in children:  # the sessions of our connection
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+        stop_sshd(rig)
         await asyncio.sleep(2)  # the host is unreachable for a while
         assert not conn.connected
-        log = rig.sshd_pidfile.parent / "sshd.log"  # as scripts/test-rig starts it
-        subprocess.run(
-            ["ip", "netns", "exec", rig.netns, "/usr/sbin/sshd", "-f", str(rig.sshd_config),
-             "-E", str(log)],
-            check=True,
-        )  # fmt: skip
+        start_sshd(rig)
         started = time.monotonic()
         assert await wait_until(lambda: conn.reconnects > before, 15)
         tries = await output_after_reconnect(kc, "print(kept)", "42")

@@ -762,36 +762,6 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not report.done:
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
-        if curve and not await in_thread(self._kernel_encrypts, conn, report, bind_ip):
-            if self.direct:
-                await self._abandon(kernel_id)
-                raise LaunchError(
-                    f"the kernel on {where} does not support CurveZMQ transport encryption "
-                    "(its ipykernel dropped the keys), which data_path 'direct' requires",
-                    hint="use an ipykernel with CurveZMQ support on the remote side, or set "
-                    "data_path to tunnel",
-                    command=cmd,
-                )
-            if self.transport_encryption == "required":
-                await self._abandon(kernel_id)
-                raise LaunchError(
-                    f"the kernel on {where} does not support CurveZMQ transport encryption "
-                    "(its ipykernel dropped the keys), and transport_encryption is 'required'",
-                    hint="use an ipykernel with CurveZMQ support on the remote side (its "
-                    "kernelspec lists supported_encryption: curve), or set "
-                    "transport_encryption to auto",
-                    command=cmd,
-                )
-            self.log.warning(
-                "%s: kernel %s on %s runs without transport encryption: its ipykernel does "
-                "not support CurveZMQ. SSH still encrypts the network, but other users of "
-                "that host can read the kernel's output on its loopback ports. Upgrade "
-                "ipykernel there, or set transport_encryption to required to refuse this.",
-                self.provisioner_name,
-                kernel_id,
-                where,
-            )
-            self._drop_curve_keys()
         if self.direct:
             ports = {name: report.ports.get(name, 0) for name in PORT_NAMES}
             # The kernel may report its ports (or, at a restart, be given them) before
@@ -823,6 +793,39 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                     command=cmd,
                     stderr=tail,
                 ) from None
+        if curve and not await in_thread(self._kernel_encrypts, conn, report, bind_ip):
+            if self.direct:
+                await self._abandon(kernel_id)
+                raise LaunchError(
+                    f"the kernel on {where} does not support CurveZMQ transport encryption "
+                    "(its sockets announce none: an ipykernel without it), which data_path "
+                    "'direct' requires",
+                    hint="use an ipykernel with CurveZMQ support on the remote side, or set "
+                    "data_path to tunnel",
+                    command=cmd,
+                )
+            if self.transport_encryption == "required":
+                await self._abandon(kernel_id)
+                raise LaunchError(
+                    f"the kernel on {where} does not support CurveZMQ transport encryption "
+                    "(its sockets announce none: an ipykernel without it), and "
+                    "transport_encryption is 'required'",
+                    hint="use an ipykernel with CurveZMQ support on the remote side (its "
+                    "kernelspec lists supported_encryption: curve), or set "
+                    "transport_encryption to auto",
+                    command=cmd,
+                )
+            self.log.warning(
+                "%s: kernel %s on %s runs without transport encryption: its ipykernel does "
+                "not support CurveZMQ. SSH still encrypts the network, but other users of "
+                "that host can read the kernel's output on its loopback ports. Upgrade "
+                "ipykernel there, or set transport_encryption to required to refuse this.",
+                self.provisioner_name,
+                kernel_id,
+                where,
+            )
+            self._drop_curve_keys()
+        if self.direct:
             self._direct_ports = ports
             info: dict[str, Any] = {**self.connection_info, **ports, "ip": bind_ip}
             self.connection_info = info  # type: ignore[assignment]
