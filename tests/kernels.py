@@ -111,7 +111,7 @@ f = sys.argv[sys.argv.index('-f') + 1]
 ports = ('shell_port', 'iopub_port', 'stdin_port', 'control_port', 'hb_port')
 original = json.load(open(f))
 plain = f + '.plain.json'
-with open(os.open(plain, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as out:
+with open(os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
     json.dump({k: v for k, v in original.items() if not k.startswith('curve_')}, out)
 def merge():
     while True:

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import List, Unicode
 
-from ..errors import LaunchTimeout
+from ..errors import KernelCommandError, LaunchTimeout
 from ..launchers.wrapper import (
     READY_MARKER,
     EnvironmentSetup,
@@ -24,6 +25,24 @@ from ..launchers.wrapper import (
     wrap_command,
 )
 from ..transports.local import StatusPipe, reap_session, wait_for_exit
+from ..transports.local_sockets import (
+    check_private_dir,
+    make_private_dir,
+    remove_private_dir,
+)
+from .local_sockets import (
+    UNPROTECTED_WARNING,
+    KernelExited,
+    Protection,
+    SocketsReady,
+    connection_for,
+    protection_attempts,
+    read_connection_file,
+    refusal,
+    wait_for_sockets,
+    write_connection_file,
+    writes_back_ports,
+)
 from .options import LaunchPlan, WrapperOptions
 
 #: The kernel argv used when kernel.json has none.
@@ -132,7 +151,13 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
     async def get_provisioner_info(self) -> dict[str, Any]:
         if self._in_job is not None:
             return await self._in_job.get_provisioner_info()  # type: ignore[no-any-return]
-        return await super().get_provisioner_info()
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info["sockets"] = {
+            "protection": self._protection.value if self._protection else None,
+            "socket_dir": self._socket_dir,
+            "tcp_ports": self._tcp_ports,
+        }
+        return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         if self._in_job is not None:
@@ -140,9 +165,22 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             self.connection_info = self._in_job.connection_info
             return
         await super().load_provisioner_info(provisioner_info)
+        sockets = provisioner_info.get("sockets") or {}
+        if sockets.get("protection"):
+            self._protection = Protection(sockets["protection"])
+        self._socket_dir = sockets.get("socket_dir")
+        self._tcp_ports = sockets.get("tcp_ports")
 
     _session_id: int | None = None
     _launch_cwd: str | None = None
+
+    # How the sockets are protected (local_sockets.py); kept across restarts, so a
+    # restarted kernel is found where the clients already look.
+    _attempts: list[Protection] = []  # noqa: RUF012 - replaced, never mutated
+    _protection: Protection | None = None
+    _self_binding = False
+    _socket_dir: str | None = None
+    _tcp_ports: dict[str, int] | None = None
 
     def _mounts(self) -> tuple[str, ...]:
         mounts = []
@@ -151,6 +189,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             mounts.append(os.path.dirname(os.path.realpath(connection_file)))
         if self.cwd:
             mounts.append(self.cwd)
+        if self._socket_dir:
+            mounts.append(self._socket_dir)
         return tuple(mounts)
 
     def launch_plan(self) -> LaunchPlan:
@@ -178,9 +218,25 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             return kwargs
         if self.kernel_spec is not None and not self.kernel_spec.argv:
             self.kernel_spec.argv = list(DEFAULT_KERNEL_ARGV)
+        km = self.parent
+        if km is not None:
+            # No port cache: the kernel binds ports of its own choosing, or IPC names.
+            km.cache_ports = False
         kwargs = await super().pre_launch(**kwargs)
-        self._setup = self.environment_setup(mounts=self._mounts())
         spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        metadata = dict(self.kernel_spec.metadata or {}) if self.kernel_spec is not None else {}
+        self._self_binding = writes_back_ports(kwargs["cmd"], metadata)
+        self._attempts = []
+        if km is not None:
+            self._attempts = protection_attempts(
+                self.transport_encryption,
+                self_binding=self._self_binding,
+                remembered=self._protection,
+            )
+            if Protection.IPC in self._attempts and self._socket_dir is None:
+                parent = os.path.dirname(os.path.abspath(km.connection_file))
+                self._socket_dir = await asyncio.to_thread(make_private_dir, (parent,))
+        self._setup = self.environment_setup(mounts=self._mounts())
         kwargs["cmd"] = target_argv(spec_argv, kwargs["cmd"], self._setup.needed)
         return kwargs
 
@@ -206,10 +262,123 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             info = await self._in_job.launch_kernel(cmd, **kwargs)
             self.connection_info = info
             return info  # type: ignore[no-any-return]
+        km = self.parent
+        if km is None or not self._attempts:
+            await self._start_process(cmd, **kwargs)
+            return self.connection_info
+        reasons: list[str] = []
+        written = await asyncio.to_thread(read_connection_file, km.connection_file)
+        for protection in self._attempts:
+            info = await self._write_attempt(km, protection, written)
+            await self._start_process(cmd, **kwargs)
+            ready = await self._sockets_of_attempt(protection, info, cmd, reasons)
+            if ready is None:
+                await self._end_attempt()
+                continue
+            self._accept(km, protection, info, ready)
+            if protection is Protection.PLAIN and self.transport_encryption != "disabled":
+                self.log.warning(UNPROTECTED_WARNING, self.kernel_id, "; ".join(reasons))
+            return self.connection_info
+        await self._abandon_launch()
+        raise refusal(reasons, cmd)
+
+    async def _write_attempt(
+        self, km: Any, protection: Protection, written: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the connection file for one way of protecting the sockets; its content."""
+        curve = None
+        if protection is Protection.CURVE:
+            if km.curve_publickey is None or km.curve_secretkey is None:
+                km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+            curve = (km.curve_publickey, km.curve_secretkey)
+        if protection is Protection.IPC and self._socket_dir is not None:
+            await asyncio.to_thread(check_private_dir, self._socket_dir)
+        info = connection_for(
+            protection,
+            written,
+            curve_keys=curve,
+            socket_dir=self._socket_dir,
+            tcp_ports=self._tcp_ports,
+            self_binding=self._self_binding,
+        )
+        await asyncio.to_thread(write_connection_file, km.connection_file, info)
+        return info
+
+    async def _sockets_of_attempt(
+        self, protection: Protection, info: dict[str, Any], cmd: list[str], reasons: list[str]
+    ) -> SocketsReady | None:
+        """Wait for the kernel's sockets; None (and a reason) if this way did not work."""
+        process, connection_file = self.process, str(getattr(self.parent, "connection_file", ""))
+        try:
+            ready = await wait_for_sockets(process, connection_file, info, self.launch_timeout)
+        except KernelExited as exc:
+            if protection is Protection.IPC:  # a kernel that cannot run on IPC sockets
+                reasons.append(f"on IPC sockets it exited with code {exc.exit_code}")
+                return None
+            await self._abandon_launch()
+            raise KernelCommandError(
+                f"the kernel exited (code {exc.exit_code}) before it opened its sockets",
+                hint="see the kernel's own messages above in the Jupyter log; run "
+                "`python -m nersc_provisioner show NAME` for the exact command",
+                command=cmd,
+                exit_code=exc.exit_code,
+            ) from None
+        except TimeoutError:
+            await self._abandon_launch()
+            raise LaunchTimeout(
+                f"the kernel did not open its sockets within {self.launch_timeout:g} s",
+                hint="raise launch_timeout, or run the kernel command by hand to see why it "
+                "hangs (`python -m nersc_provisioner show NAME`)",
+                command=cmd,
+            ) from None
+        if protection is Protection.CURVE and ready.mechanism != "CURVE":
+            reasons.append(
+                f"its sockets announce {ready.mechanism or 'no ZMTP 3 mechanism'}, not CurveZMQ "
+                "(an ipykernel older than 7.3)"
+            )
+            return None
+        return ready
+
+    def _accept(
+        self, km: Any, protection: Protection, info: dict[str, Any], ready: SocketsReady
+    ) -> None:
+        """The kernel listens: the manager and its clients get what it bound."""
+        if protection is not Protection.CURVE:
+            km.curve_publickey = km.curve_secretkey = None
+        km.transport = info["transport"]
+        km.ip = info["ip"]
+        for name, port in ready.ports.items():
+            setattr(km, name, port)
+        self._protection = protection
+        if protection is not Protection.IPC:
+            self._tcp_ports = dict(ready.ports)
+        self.connection_info = km.get_connection_info()
+        self.log.info(
+            "nersc-local: kernel %s listens on %s (%s)",
+            self.kernel_id,
+            "IPC sockets in a private directory" if protection is Protection.IPC else "127.0.0.1",
+            {
+                Protection.CURVE: "CurveZMQ",
+                Protection.IPC: "mode 0700",
+                Protection.PLAIN: "unencrypted",
+            }[protection],
+        )
+
+    async def _end_attempt(self) -> None:
+        """Stop a kernel started one way, before it is started the next way."""
+        if self._session_id is not None:
+            await asyncio.to_thread(reap_session, self._session_id)
+            self._session_id = None
+        if self.process is not None:
+            await asyncio.to_thread(self.process.wait)
+            self.process = None
+
+    async def _start_process(self, cmd: list[str], **kwargs: Any) -> None:
+        """Start the kernel, through the wrapper if the environment needs one."""
         setup = self._setup
         if setup is None or not setup.needed:
             self._popen(cmd, **kwargs)
-            return self.connection_info
+            return
 
         started = time.monotonic()
         status = StatusPipe()
@@ -248,7 +417,6 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             " ".join(setup.modules) or "none",
             self.pid,
         )
-        return self.connection_info
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit: woken by the exit itself, not a 100 ms poll."""
@@ -291,6 +459,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             await self._in_job.cleanup(restart=restart)
             return
         await super().cleanup(restart=restart)
+        if not restart and self._socket_dir is not None:
+            await asyncio.to_thread(remove_private_dir, self._socket_dir)
+            self._socket_dir = None
         if self._session_id is not None and self.process is None:
             leftovers = await asyncio.to_thread(reap_session, self._session_id)
             if leftovers:
