@@ -1,0 +1,295 @@
+"""A second user of the Jupyter host attacks running ``nersc-local`` kernels.
+
+The rig's intruder (an unprivileged user of this machine, as of the remote host)
+connects to the kernel's 127.0.0.1 ports, which every user can list in
+/proc/net/tcp, or to its IPC sockets.  Each attack must read no output and run
+no code, for every way of starting a local kernel: plain, with modules, with
+setup lines and in a container.  Control cases run the same attacks against a
+kernel with ``transport_encryption: disabled`` (what jupyter_client's own
+provisioner gives every kernel) and show that they succeed there, so these tests
+can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nersc_provisioner import LaunchError
+from tests.conftest import PYTHON_ARGV, KernelFactory
+from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
+from tests.rig import SSHRig, require_lmod, require_ssh
+
+pytestmark = [pytest.mark.kernel, pytest.mark.rig]
+
+
+@pytest.fixture
+def rig() -> SSHRig:
+    rig = require_ssh()
+    if not rig.intruder or not rig.remote_python:
+        pytest.fail("rig.json has no ssh.intruder/remote_python; run scripts/test-rig up")
+    return rig
+
+
+def intruder_python(rig: SSHRig, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` as the intruder, on this host (not in the remote namespace)."""
+    return subprocess.run(
+        ["runuser", "-u", rig.intruder, "--", rig.remote_python, "-c", textwrap.dedent(code),
+         *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )  # fmt: skip
+
+
+def endpoint(km: Any, channel: str) -> str:
+    port = getattr(km, f"{channel}_port")
+    if km.transport == "ipc":
+        return f"ipc://{km.ip}-{port}"
+    return f"tcp://127.0.0.1:{port}"
+
+
+SUBSCRIBER = """
+import sys, time, zmq
+url, marker, mode = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+ctx = zmq.Context()
+sock = ctx.socket(zmq.SUB)
+sock.setsockopt(zmq.SUBSCRIBE, b"")
+if mode == "guess-curve":  # a client key pair and a made-up server key
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    sock.curve_serverkey = zmq.curve_keypair()[0]
+sock.connect(url)
+messages = seen = 0
+deadline = time.monotonic() + 4
+while time.monotonic() < deadline:
+    if sock.poll(200):
+        frames = sock.recv_multipart()
+        messages += 1
+        seen += any(marker in frame for frame in frames)
+print("MESSAGES", messages, "MARKER", seen)
+"""
+
+EXECUTOR = """
+import hashlib, hmac, json, sys, time, uuid, zmq
+url, canary, key = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.connect(url)
+header = {"msg_id": uuid.uuid4().hex, "session": uuid.uuid4().hex, "username": "x",
+          "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z"}
+content = {"code": f"open({canary!r}, 'w').write('ran')", "silent": False,
+           "store_history": False, "user_expressions": {}, "allow_stdin": False}
+parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
+sig = hmac.new(key, digestmod=hashlib.sha256)
+for part in parts:
+    sig.update(part)
+signature = sig.hexdigest().encode() if key else b""
+sock.send_multipart([b"<IDS|MSG>", signature, *parts])
+print("REPLY", bool(sock.poll(3000)))
+"""
+
+
+async def print_markers(kc: Any, marker: str) -> None:
+    code = (
+        "import threading, time\n"
+        "def _talk():\n"
+        "    for _ in range(60):\n"
+        f"        print({marker!r}, flush=True); time.sleep(0.1)\n"
+        "threading.Thread(target=_talk, daemon=True).start()\n"
+    )
+    await run_cell(kc, code)
+
+
+async def outputs_read_by_intruder(rig: SSHRig, km: Any, kc: Any) -> dict[str, tuple[int, int]]:
+    """The intruder subscribes to IOPub while the kernel prints, once plainly and once
+    guessing at CurveZMQ: (messages, markers) each got."""
+    marker = f"MARKER-{uuid.uuid4().hex[:8]}"
+    modes = ("plain", "guess-curve")
+    listeners = [
+        asyncio.to_thread(intruder_python, rig, SUBSCRIBER, endpoint(km, "iopub"), marker, mode)
+        for mode in modes
+    ]
+    gathered = asyncio.gather(*listeners)
+    await asyncio.sleep(0.5)
+    await print_markers(kc, marker)
+    results = {}
+    for mode, attempt in zip(modes, await gathered, strict=True):
+        assert attempt.returncode == 0, attempt.stderr
+        words = attempt.stdout.split()
+        results[mode] = (int(words[1]), int(words[3]))
+    return results
+
+
+async def code_run_by_intruder(rig: SSHRig, km: Any, keys: dict[str, str]) -> dict[str, bool]:
+    """The intruder sends execute_requests signed with each of ``keys``: which ran?"""
+    canaries = {name: Path(f"/tmp/npr-canary-{uuid.uuid4().hex[:8]}") for name in keys}
+    try:
+        attempts = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    intruder_python, rig, EXECUTOR, endpoint(km, "shell"), str(canaries[n]), k
+                )
+                for n, k in keys.items()
+            )
+        )
+        for attempt in attempts:
+            assert attempt.returncode == 0, attempt.stderr
+        await asyncio.sleep(1)
+        return {name: canary.exists() for name, canary in canaries.items()}
+    finally:
+        for canary in canaries.values():
+            canary.unlink(missing_ok=True)
+
+
+async def attack(rig: SSHRig, km: Any, kc: Any) -> dict[str, Any]:
+    """Every attack on one running kernel; what each obtained."""
+    read = await outputs_read_by_intruder(rig, km, kc)
+    ran = await code_run_by_intruder(
+        rig,
+        km,
+        {
+            "execute-unsigned": "",
+            "execute-guessed-key": uuid.uuid4().hex,
+            # Even the HMAC key, were it stolen, does not get past CurveZMQ or the directory.
+            "execute-stolen-key": km.session.key.decode(),
+        },
+    )
+    result = await run_cell(kc, "print('still mine')")  # the kernel still serves us
+    assert result.stdout.strip() == "still mine"
+    return {"subscribe": read["plain"], "subscribe-guessing-curve": read["guess-curve"], **ran}
+
+
+NOTHING = {
+    "subscribe": (0, 0),
+    "subscribe-guessing-curve": (0, 0),
+    "execute-unsigned": False,
+    "execute-guessed-key": False,
+    "execute-stolen-key": False,
+}
+
+
+def container_stand_in(tmp_path: Path) -> dict[str, str]:
+    """A ``shifter`` on PATH that runs the kernel argv (Shifter is not on this machine)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    stand_in = bindir / "shifter"
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "argv = [a for a in sys.argv[1:] if not a.startswith('--image=')]\n"
+        "os.execvp(argv[0], argv)\n"
+    )
+    stand_in.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def target_config(target: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if target == "plain":
+        return {}, {}
+    if target == "modules":
+        lmod = require_lmod()
+        return {"module_use": [str(lmod.modulepath)], "modules": ["nersc-test/1.0"]}, {}
+    if target == "setup":
+        return {"setup": ["export NPR_SETUP=done"]}, {}
+    return {"container": "docker:org/image:1"}, container_stand_in(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["plain", "modules", "setup", "container"])
+async def test_intruder_reads_nothing_and_runs_nothing(
+    start_kernel: KernelFactory, rig: SSHRig, tmp_path: Path, target: str
+) -> None:
+    config, env = target_config(target, tmp_path)
+    km = await start_kernel(config, argv=PYTHON_ARGV, env=env)
+    assert km.transport == "tcp"
+    assert km.curve_publickey is not None  # CurveZMQ: ipykernel 7.4 encrypts
+    kc = await ready_client(km)
+    try:
+        assert await attack(rig, km, kc) == NOTHING
+    finally:
+        kc.stop_channels()
+
+
+async def test_control_the_same_attacks_work_without_protection(
+    start_kernel: KernelFactory, rig: SSHRig
+) -> None:
+    """jupyter_client's default, and ours with transport_encryption 'disabled'."""
+    km = await start_kernel({"transport_encryption": "disabled"}, argv=PYTHON_ARGV)
+    assert km.curve_publickey is None
+    kc = await ready_client(km)
+    try:
+        results = await attack(rig, km, kc)
+    finally:
+        kc.stop_channels()
+    messages, markers = results["subscribe"]
+    assert messages >= markers > 0, results
+    assert results["execute-stolen-key"] is True, results  # with the key, code runs
+    assert results["execute-unsigned"] is False  # the HMAC signature alone stops these
+    assert results["execute-guessed-key"] is False
+
+
+@pytest.mark.parametrize("shim", [DROPPING_SHIM, MERGING_SHIM], ids=["drops-keys", "merges"])
+async def test_kernel_without_curve_runs_on_private_ipc_sockets(
+    start_kernel: KernelFactory, rig: SSHRig, shim: str
+) -> None:
+    """An ipykernel without CurveZMQ (it drops our keys, or merges its ports as
+    ipykernel 6 does): its greeting says NULL, so it is started again on IPC sockets in
+    a directory of mode 0700, and no attack gets in."""
+    km = await start_kernel({}, argv=[sys.executable, "-c", shim, "-f", "{connection_file}"])
+    assert km.transport == "ipc"
+    assert km.curve_publickey is None
+    directory = os.path.dirname(km.ip)
+    assert os.path.isabs(km.ip)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert len(f"{km.ip}-5") <= 107
+    kc = await ready_client(km)
+    try:
+        assert await attack(rig, km, kc) == NOTHING
+        entered = intruder_python(rig, "import os, sys; print(os.listdir(sys.argv[1]))", directory)
+        assert entered.returncode != 0
+        assert "PermissionError" in entered.stderr
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+    assert not os.path.exists(directory)  # removed with the kernel
+
+
+#: A kernel that cannot run on IPC (as IJulia and xeus-python were reported to):
+#: it exits when its connection file asks for IPC, else it is ipykernel without CurveZMQ.
+NO_IPC_SHIM = (
+    "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; d = json.load(open(f)); "
+    "sys.exit(3) if d['transport'] == 'ipc' else None; " + DROPPING_SHIM
+)
+
+
+async def test_kernel_that_can_do_neither_is_refused_or_warned(
+    start_kernel: KernelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = [sys.executable, "-c", NO_IPC_SHIM, "-f", "{connection_file}"]
+    with pytest.raises(LaunchError) as info:
+        await start_kernel({"transport_encryption": "required"}, argv=argv)
+    message = str(info.value)
+    assert "neither with CurveZMQ" in message
+    assert "not CurveZMQ" in message  # the first reason: its greeting
+    assert "exited with code 3" in message  # the second: IPC
+    assert "transport_encryption" in message
+    km = await start_kernel({}, argv=argv, name="auto")  # auto: runs, with a warning
+    assert km.transport == "tcp"
+    assert km.curve_publickey is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("runs on TCP without encryption" in w for w in warnings), warnings
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, "print('plain')")
+        assert result.stdout.strip() == "plain"
+    finally:
+        kc.stop_channels()
