@@ -27,7 +27,7 @@ import pytest
 from nersc_provisioner import LaunchError
 from tests.conftest import PYTHON_ARGV, KernelFactory
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
-from tests.rig import SSHRig, require_lmod, require_ssh
+from tests.rig import SSHRig, remote_config, require_lmod, require_ssh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -293,3 +293,38 @@ async def test_kernel_that_can_do_neither_is_refused_or_warned(
         assert result.stdout.strip() == "plain"
     finally:
         kc.stop_channels()
+
+
+# --- the tunnel's local listeners (nersc-cori): the Jupyter host's side of SSH ---------
+
+
+@pytest.mark.parametrize("encryption", ["auto", "disabled", "auto-without-curve"])
+async def test_tunnel_listeners_are_closed_to_other_users(
+    start_kernel: KernelFactory, rig: SSHRig, encryption: str
+) -> None:
+    """With CurveZMQ the listeners are 127.0.0.1 ports carrying ciphertext that only the
+    holder of the server key can open; without it (disabled, or a remote kernel without
+    CurveZMQ under auto) they are Unix sockets in a directory of mode 0700."""
+    config = remote_config(rig)
+    argv = None
+    if encryption == "auto-without-curve":
+        argv = [rig.remote_python, "-c", DROPPING_SHIM, "-f", "{connection_file}"]
+    else:
+        config["transport_encryption"] = encryption
+    km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
+    if encryption == "auto":
+        assert (km.transport, km.ip) == ("tcp", "127.0.0.1")
+        assert km.curve_publickey is not None
+    else:
+        assert km.transport == "ipc"
+        assert km.curve_publickey is None
+        directory = os.path.dirname(km.ip)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    kc = await ready_client(km)
+    try:
+        assert await attack(rig, km, kc) == NOTHING
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+    if km.transport == "ipc":
+        assert not os.path.exists(directory)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import re
 import signal
 import socket
@@ -65,6 +66,12 @@ from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.forwarding import RETRY, PortForwarder
+from ..transports.local_sockets import (
+    IPC_PORTS,
+    ipc_connection,
+    make_private_dir,
+    remove_private_dir,
+)
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from ..transports.zmtp import read_mechanism
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
@@ -192,6 +199,11 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     _login: SSHConnection | None = None
     _login_target: SSHTarget | None = None
     _listeners: dict[str, Any] | None = None
+    #: The kernel's traffic is not encrypted (transport_encryption disabled, or a
+    #: kernel without CurveZMQ under auto): the listeners are then Unix sockets in
+    #: this private directory, not 127.0.0.1 ports other users could connect to.
+    _plain = False
+    _socket_dir: str | None = None
     _iopub_opened_at: float | None = None
     #: data_path direct: the kernel's ports, asked for again at a restart so that
     #: the clients' connections stay valid.
@@ -583,9 +595,30 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     def _open_listeners(self) -> None:
         forwarder = PortForwarder.instance()
         listeners = {}
-        for name in PORT_NAMES:
-            listeners[name] = forwarder.listen(functools.partial(self._open_channel, name))
+        if self._plain:
+            if self._socket_dir is None:
+                connection_file = str(getattr(self.parent, "connection_file", "") or "")
+                parents = (os.path.dirname(os.path.abspath(connection_file)),)
+                self._socket_dir = make_private_dir(parents if connection_file else ())
+            base = ipc_connection(self._socket_dir)["ip"]
+            for name in PORT_NAMES:
+                opener = functools.partial(self._open_channel, name)
+                listeners[name] = forwarder.listen(opener, path=f"{base}-{IPC_PORTS[name]}")
+        else:
+            for name in PORT_NAMES:
+                listeners[name] = forwarder.listen(functools.partial(self._open_channel, name))
         self._listeners = listeners
+
+    def _listener_endpoints(self) -> dict[str, Any]:
+        """transport, ip and the five ports by which the clients reach our listeners."""
+        if self._plain and self._socket_dir is not None:
+            return ipc_connection(self._socket_dir)
+        ports = {name: lst.getsockname()[1] for name, lst in (self._listeners or {}).items()}
+        return {"transport": "tcp", "ip": "127.0.0.1", **ports}
+
+    def _point_manager_at_listeners(self, km: Any) -> None:
+        for name, value in self._listener_endpoints().items():
+            setattr(km, name, value)
 
     def _open_channel(self, name: str) -> Any:
         remote, conn = self.remote, self._conn
@@ -616,6 +649,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             for listener in self._listeners.values():
                 forwarder.close_listener(listener)
         self._listeners = None
+        if self._socket_dir is not None:
+            remove_private_dir(self._socket_dir)
+            self._socket_dir = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
@@ -625,20 +661,19 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 "CurveZMQ, but transport_encryption is 'disabled'",
                 hint="set transport_encryption to auto or required, or data_path to tunnel",
             )
+        if km is not None:
+            self._provide_curve_keys(km)
+            if km.curve_publickey is None and not self.direct:
+                self._plain = True
         # The local ports exist before any wait (a Slurm queue), so that the kernel
         # manager can address the kernel while it is pending.  (Direct: the kernel's
         # own ports, known once it runs.)
         if self._listeners is None and not self.direct:
             self._open_listeners()
-        listeners = self._listeners or {}
         if km is not None:
             km.transport = "tcp"
             if not self.direct:
-                km.ip = "127.0.0.1"
-                for name, listener in listeners.items():
-                    setattr(km, name, listener.getsockname()[1])
-            self._provide_curve_keys(km)
-            if not self.direct:
+                self._point_manager_at_listeners(km)
                 km.write_connection_file()
             self.connection_info = km.get_connection_info()
         self._job_end = None
@@ -689,6 +724,12 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if km is None:
             return
         km.curve_publickey = km.curve_secretkey = None
+        if not self.direct and not self._plain:
+            # Plain traffic must not pass through 127.0.0.1 ports: Unix sockets instead.
+            self._close_listeners()
+            self._plain = True
+            self._open_listeners()
+            self._point_manager_at_listeners(km)
         km._connection_file_written = False  # rewrite it without the curve keys
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
@@ -1035,6 +1076,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         info["connection_info"] = connection
         info["remote"] = asdict(self.remote) if self.remote is not None else None
         info["slurm_job"] = asdict(self._job) if self._job is not None else None
+        info["plain"] = self._plain
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -1060,9 +1102,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if self.direct:  # the kernel's own address and ports, as saved
             self._direct_ports = {name: int(connection[name]) for name in PORT_NAMES}
         else:
+            self._plain = bool(provisioner_info.get("plain"))
             self._open_listeners()
-        for name, listener in (self._listeners or {}).items():
-            connection[name] = listener.getsockname()[1]
+            connection.update(self._listener_endpoints())
         self.connection_info = connection  # type: ignore[assignment]
         await in_thread(conn.request, "watch", self.remote.kernel_id)
 

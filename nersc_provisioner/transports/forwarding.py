@@ -97,12 +97,16 @@ class PortForwarder:
 
     # --- called from any thread -------------------------------------------------
 
-    def listen(self, opener: ChannelOpener, port: int = 0) -> socket.socket:
-        """Listen on 127.0.0.1:``port`` (0: any free port); forward through ``opener``."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    def listen(self, opener: ChannelOpener, port: int = 0, path: str = "") -> socket.socket:
+        """Listen on 127.0.0.1:``port`` (0: any free port), or on the Unix socket ``path``
+        (in a directory only its user can enter); forward through ``opener``."""
+        if path:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            listener.bind(("127.0.0.1", port))
+            listener.bind(path or ("127.0.0.1", port))
         except OSError:
             listener.close()
             raise
@@ -189,7 +193,8 @@ class PortForwarder:
             sock, _ = listener.accept()
         except OSError:
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         opener = self._listeners.get(listener)
         if opener is None:
             sock.close()
