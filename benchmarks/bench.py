@@ -461,7 +461,10 @@ async def main_async(args: argparse.Namespace) -> None:
         (modulefiles / "1.0.lua").write_text(MODULEFILE)
         configs: dict[str, tuple[str, dict[str, Any]]] = {
             "local-provisioner": ("local-provisioner", {}),
+            # CurveZMQ by default (issue 11); the next row is the same without it: the
+            # cost of encryption, against the plain local-provisioner baseline.
             "nersc-local (direct)": ("nersc-local", {}),
+            "nersc-local (no CurveZMQ)": ("nersc-local", {"transport_encryption": "disabled"}),
             "nersc-local (module)": (
                 "nersc-local",
                 {"module_use": [str(modulefiles.parent)], "modules": ["nersc-bench/1.0"]},
@@ -511,7 +514,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     direct=label in (DIRECT, SLURM_DIRECT),
                 )
         scaling: dict[str, list[dict[str, Any]]] = {}
-        for label in ("local-provisioner", "nersc-cori (rig sshd)", DIRECT):
+        for label in ("local-provisioner", "nersc-local (direct)", "nersc-cori (rig sshd)", DIRECT):
             if label not in names:
                 continue
             for count in args.scale:

@@ -70,7 +70,9 @@ class WrapperOptions(LoggingConfigurable):
         config=True
     )
     launch_timeout = Float(
-        60.0, help="Seconds allowed for the environment setup (modules, setup lines) to finish."
+        60.0,
+        help="Seconds allowed for the environment setup (modules, setup lines) to finish, "
+        "and again for the kernel to open its sockets.",
     ).tag(config=True)
 
     slurm = Dict(
@@ -87,9 +89,10 @@ class WrapperOptions(LoggingConfigurable):
     transport_encryption = CaselessStrEnum(
         ["auto", "required", "disabled"],
         "auto",
-        help="CurveZMQ encryption of the remote kernel's own ZeroMQ sockets: auto (on when "
-        "the remote ipykernel supports it, else a warning), required (refuse a kernel "
-        "without it), disabled. nersc-local without slurm: jupyter_client's own policy.",
+        help="Keep other users of the node out of the kernel's ZeroMQ sockets. Remote: "
+        "CurveZMQ; auto (on when the remote ipykernel supports it, else a warning), "
+        "required (refuse a kernel without it), disabled. nersc-local: CurveZMQ, else IPC "
+        "sockets in a 0700 directory; auto warns and required refuses when neither works.",
     ).tag(config=True)
 
     @validate("slurm")
