@@ -62,6 +62,12 @@ async def demo(workdir: Path) -> None:
     kc.start_channels()
     await kc.wait_for_ready(timeout=60)
     t_start = time.perf_counter() - t0
+    if km.transport == "ipc":
+        sockets = f"IPC sockets in a private directory ({os.path.dirname(km.ip)}, mode 0700)"
+    elif km.curve_publickey is not None:
+        sockets = f"127.0.0.1 ports {km.shell_port}.. with CurveZMQ encryption"
+    else:
+        sockets = f"127.0.0.1 ports {km.shell_port}.. WITHOUT encryption"
 
     printed: list[str] = []
     result: list[str] = []
@@ -84,6 +90,7 @@ async def demo(workdir: Path) -> None:
     await km.shutdown_kernel()
     t_shutdown = time.perf_counter() - t0
 
+    print(f"== the kernel's sockets: {sockets}")
     print("== the cell:")
     print(CELL)
     print("== printed by the kernel:")

@@ -328,3 +328,17 @@ async def test_tunnel_listeners_are_closed_to_other_users(
     await km.shutdown_kernel()
     if km.transport == "ipc":
         assert not os.path.exists(directory)
+
+
+def test_demo_prints_no_encryption_warning() -> None:
+    """`make demo`'s script: ipykernel's "without encryption" warning is gone."""
+    require_lmod()
+    demo = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
+    result = subprocess.run(
+        [sys.executable, str(demo)], capture_output=True, text=True, timeout=120, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "without encryption" not in output
+    assert "== the kernel's sockets: 127.0.0.1 ports" in output
+    assert "with CurveZMQ encryption" in output
