@@ -323,6 +323,14 @@ async def test_tunnel_listeners_are_closed_to_other_users(
     kc = await ready_client(km)
     try:
         assert await attack(rig, km, kc) == NOTHING
+        # A restart keeps the listeners where the clients are (jupyter_client deletes
+        # an IPC kernel's socket files at each restart; ours are bound again).
+        endpoints = (km.transport, km.ip, km.shell_port)
+        await km.restart_kernel()
+        assert (km.transport, km.ip, km.shell_port) == endpoints
+        await kc.wait_for_ready(timeout=60)
+        result = await run_cell(kc, "print('after restart')")
+        assert result.stdout.strip() == "after restart"
     finally:
         kc.stop_channels()
     await km.shutdown_kernel()

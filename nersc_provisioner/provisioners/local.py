@@ -324,6 +324,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
                 exit_code=exc.exit_code,
             ) from None
         except TimeoutError:
+            if protection is Protection.IPC:  # a kernel that hangs on IPC sockets
+                reasons.append(f"on IPC sockets it did not listen within {self.launch_timeout:g} s")
+                return None
             await self._abandon_launch()
             raise LaunchTimeout(
                 f"the kernel did not open its sockets within {self.launch_timeout:g} s",

@@ -609,6 +609,21 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 listeners[name] = forwarder.listen(functools.partial(self._open_channel, name))
         self._listeners = listeners
 
+    def _restore_unlinked_listeners(self) -> None:
+        """jupyter_client removes a kernel's IPC socket files at every restart
+        (``cleanup_ipc_files``); ours are listeners that outlive the remote kernel, so
+        they are bound again at the same paths (the clients reconnect there)."""
+        if not self._plain or self._listeners is None or self._socket_dir is None:
+            return
+        base = ipc_connection(self._socket_dir)["ip"]
+        if all(os.path.exists(f"{base}-{IPC_PORTS[name]}") for name in PORT_NAMES):
+            return
+        forwarder = PortForwarder.instance()
+        for name, listener in self._listeners.items():
+            forwarder.close_listener(listener)
+            opener = functools.partial(self._open_channel, name)
+            self._listeners[name] = forwarder.listen(opener, path=f"{base}-{IPC_PORTS[name]}")
+
     def _listener_endpoints(self) -> dict[str, Any]:
         """transport, ip and the five ports by which the clients reach our listeners."""
         if self._plain and self._socket_dir is not None:
@@ -670,6 +685,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         # own ports, known once it runs.)
         if self._listeners is None and not self.direct:
             self._open_listeners()
+        self._restore_unlinked_listeners()
         if km is not None:
             km.transport = "tcp"
             if not self.direct:

@@ -101,6 +101,8 @@ class PortForwarder:
         """Listen on 127.0.0.1:``port`` (0: any free port), or on the Unix socket ``path``
         (in a directory only its user can enter); forward through ``opener``."""
         if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket file: the directory is ours alone
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         else:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
