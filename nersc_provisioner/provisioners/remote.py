@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import re
 import signal
 import socket
@@ -30,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
-import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, default, validate
@@ -65,23 +63,11 @@ from ..slurm.commands import holder_argv
 from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
-from ..transports.forwarding import RETRY, PortForwarder
-from ..transports.local_sockets import (
-    IPC_PORTS,
-    ipc_connection,
-    make_private_dir,
-    remove_private_dir,
-)
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
-from ..transports.zmtp import read_mechanism
+from .encryption import UNENCRYPTED_WARNING, announced_mechanism, curve_refusal, provide_curve_keys
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
 from .options import LaunchPlan, WrapperOptions
-
-#: After a reconnect, the channels that carry requests reopen this much later than
-#: IOPub's, so that IOPub is subscribed again before a request's output is published.
-IOPUB_HEAD_START = 0.3
-IOPUB_WAIT = 3.0
-REQUEST_PORTS = frozenset({"shell_port", "control_port", "stdin_port"})
+from .tunnel import Tunnel
 
 #: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
 _HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
@@ -198,13 +184,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     #: The connection to the login node (the same as ``_conn`` without Slurm).
     _login: SSHConnection | None = None
     _login_target: SSHTarget | None = None
-    _listeners: dict[str, Any] | None = None
-    #: The kernel's traffic is not encrypted (transport_encryption disabled, or a
-    #: kernel without CurveZMQ under auto): the listeners are then Unix sockets in
-    #: this private directory, not 127.0.0.1 ports other users could connect to.
-    _plain = False
-    _socket_dir: str | None = None
-    _iopub_opened_at: float | None = None
+    _tunnel: Tunnel | None = None
     #: data_path direct: the kernel's ports, asked for again at a restart so that
     #: the clients' connections stay valid.
     _direct_ports: dict[str, int] | None = None
@@ -341,26 +321,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     def _kernel_encrypts(self, conn: SSHConnection, report: LaunchReport, address: str) -> bool:
         """Whether the kernel's shell socket announces CurveZMQ in its ZMTP greeting.
-
-        The connection file cannot tell: ipykernel merges its ports into it, so one
-        without CurveZMQ leaves our keys there.  Without an answer, the launch
-        script's reading of the file decides.  Blocking.
-        """
+        Without an answer, the launch script's reading of the file decides.  Blocking."""
         port = report.ports.get("shell_port", 0)
-        mechanism = ""
-        if self.direct:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((address, port), timeout=5.0) as sock,
-            ):
-                mechanism = read_mechanism(sock)
-        else:
-            chan = conn.open_forward(port)
-            if chan is not None:
-                try:
-                    mechanism = read_mechanism(chan)
-                finally:
-                    chan.close()
+        mechanism = announced_mechanism(conn, address, port, direct=self.direct)
         if not mechanism:
             self.log.debug("%s: no ZMTP greeting from the kernel", self.provisioner_name)
             return bool(report.curve)
@@ -592,81 +555,23 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 "keep is set" if alloc.owned else "it is your own allocation (job_id)",
             )
 
-    def _open_listeners(self) -> None:
-        forwarder = PortForwarder.instance()
-        listeners = {}
-        if self._plain:
-            if self._socket_dir is None:
-                connection_file = str(getattr(self.parent, "connection_file", "") or "")
-                parents = (os.path.dirname(os.path.abspath(connection_file)),)
-                self._socket_dir = make_private_dir(parents if connection_file else ())
-            base = ipc_connection(self._socket_dir)["ip"]
-            for name in PORT_NAMES:
-                opener = functools.partial(self._open_channel, name)
-                listeners[name] = forwarder.listen(opener, path=f"{base}-{IPC_PORTS[name]}")
-        else:
-            for name in PORT_NAMES:
-                listeners[name] = forwarder.listen(functools.partial(self._open_channel, name))
-        self._listeners = listeners
+    @property
+    def tunnel(self) -> Tunnel:
+        """The tunnel data path's listeners (unused with ``data_path: direct``)."""
+        if self._tunnel is None:
+            self._tunnel = Tunnel(self._route)
+        return self._tunnel
 
-    def _restore_unlinked_listeners(self) -> None:
-        """jupyter_client removes a kernel's IPC socket files at every restart
-        (``cleanup_ipc_files``); ours are listeners that outlive the remote kernel, so
-        they are bound again at the same paths (the clients reconnect there)."""
-        if not self._plain or self._listeners is None or self._socket_dir is None:
-            return
-        base = ipc_connection(self._socket_dir)["ip"]
-        if all(os.path.exists(f"{base}-{IPC_PORTS[name]}") for name in PORT_NAMES):
-            return
-        forwarder = PortForwarder.instance()
-        for name, listener in self._listeners.items():
-            forwarder.close_listener(listener)
-            opener = functools.partial(self._open_channel, name)
-            self._listeners[name] = forwarder.listen(opener, path=f"{base}-{IPC_PORTS[name]}")
+    def _route(self) -> tuple[SSHConnection | None, dict[str, int] | None, bool]:
+        remote = self.remote
+        return self._conn, (remote.ports if remote is not None else None), self._stopping
 
-    def _listener_endpoints(self) -> dict[str, Any]:
-        """transport, ip and the five ports by which the clients reach our listeners."""
-        if self._plain and self._socket_dir is not None:
-            return ipc_connection(self._socket_dir)
-        ports = {name: lst.getsockname()[1] for name, lst in (self._listeners or {}).items()}
-        return {"transport": "tcp", "ip": "127.0.0.1", **ports}
-
-    def _point_manager_at_listeners(self, km: Any) -> None:
-        for name, value in self._listener_endpoints().items():
-            setattr(km, name, value)
-
-    def _open_channel(self, name: str) -> Any:
-        remote, conn = self.remote, self._conn
-        if remote is None or conn is None:
-            return None
-        if not conn.connected and conn.fatal is None and not self._stopping:
-            return RETRY  # being re-established: the forwarder holds the socket
-        now = time.monotonic()
-        if name in REQUEST_PORTS and conn.reconnected_at is not None:
-            # Just reconnected: IOPub's subscription must reach the kernel before the
-            # first request does, or that request's output is published to no one.
-            # So requests wait until IOPub's channel is open again, plus a head start
-            # for the subscription (at most IOPUB_WAIT if no one subscribes).
-            iopub_at = self._iopub_opened_at
-            if iopub_at is None or iopub_at < conn.reconnected_at:
-                if now - conn.reconnected_at < IOPUB_WAIT:
-                    return RETRY
-            elif now - iopub_at < IOPUB_HEAD_START:
-                return RETRY
-        chan = conn.open_forward(remote.ports.get(name, 0))
-        if name == "iopub_port" and chan is not None:
-            self._iopub_opened_at = time.monotonic()
-        return chan
+    def _connection_file(self) -> str:
+        return str(getattr(self.parent, "connection_file", "") or "")
 
     def _close_listeners(self) -> None:
-        if self._listeners:
-            forwarder = PortForwarder.instance()
-            for listener in self._listeners.values():
-                forwarder.close_listener(listener)
-        self._listeners = None
-        if self._socket_dir is not None:
-            remove_private_dir(self._socket_dir)
-            self._socket_dir = None
+        if self._tunnel is not None:
+            self._tunnel.close()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
@@ -679,17 +584,18 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if km is not None:
             self._provide_curve_keys(km)
             if km.curve_publickey is None and not self.direct:
-                self._plain = True
+                self.tunnel.plain = True  # no 127.0.0.1 ports for plain traffic
         # The local ports exist before any wait (a Slurm queue), so that the kernel
         # manager can address the kernel while it is pending.  (Direct: the kernel's
         # own ports, known once it runs.)
-        if self._listeners is None and not self.direct:
-            self._open_listeners()
-        self._restore_unlinked_listeners()
+        if not self.direct:
+            if not self.tunnel.is_open:
+                self.tunnel.open(self._connection_file())
+            self.tunnel.restore_unlinked()
         if km is not None:
             km.transport = "tcp"
             if not self.direct:
-                self._point_manager_at_listeners(km)
+                self.tunnel.point_manager(km)
                 km.write_connection_file()
             self.connection_info = km.get_connection_info()
         self._job_end = None
@@ -711,28 +617,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         return kwargs
 
     def _provide_curve_keys(self, km: Any) -> None:
-        """Give the manager a CurveZMQ server key pair (kept across restarts), per policy."""
-        policy = self.transport_encryption
-        if self.direct:
-            policy = "required"  # the ports are on the network
-        if policy == "disabled":
-            km.curve_publickey = km.curve_secretkey = None
-            return
-        if not zmq.has("curve"):
-            if policy == "required":
-                raise ConfigError(
-                    "CurveZMQ is required (transport_encryption 'required', or data_path "
-                    "'direct'), but this pyzmq has no CurveZMQ",
-                    hint="install pyzmq from a PyPI wheel (it bundles libsodium), or set "
-                    "transport_encryption to auto and data_path to tunnel",
-                )
-            self.log.warning(
-                "%s: this pyzmq has no CurveZMQ; the kernel's sockets are not encrypted",
-                self.provisioner_name,
-            )
-            return
-        if km.curve_publickey is None or km.curve_secretkey is None:
-            km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+        policy = "required" if self.direct else self.transport_encryption
+        provide_curve_keys(km, policy, name=self.provisioner_name, log=self.log)
 
     def _drop_curve_keys(self) -> None:
         """The kernel does not encrypt: stop the clients from expecting it."""
@@ -740,40 +626,39 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if km is None:
             return
         km.curve_publickey = km.curve_secretkey = None
-        if not self.direct and not self._plain:
+        if not self.direct:
             # Plain traffic must not pass through 127.0.0.1 ports: Unix sockets instead.
-            self._close_listeners()
-            self._plain = True
-            self._open_listeners()
-            self._point_manager_at_listeners(km)
+            self.tunnel.make_plain(self._connection_file())
+            self.tunnel.point_manager(km)
         km._connection_file_written = False  # rewrite it without the curve keys
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        conn, target = self._conn, self._target
-        if conn is None or target is None:
-            raise SSHConnectError("launch_kernel called before pre_launch")
+    def _launch_connection(self, bind_ip: str) -> dict[str, Any]:
+        """The connection file the remote kernel gets: ports 0 (it binds its own), or at
+        a direct restart the ports it had, so the clients' connections stay valid."""
         key = self.connection_info.get("key", b"")
-        curve = {
-            name: str(self.connection_info[name])
-            for name in ("curve_publickey", "curve_secretkey")
-            if self.connection_info.get(name)
-        }
-        bind_ip = "127.0.0.1"
         ports = dict.fromkeys(PORT_NAMES, 0)
         if self.direct:
-            bind_ip = self._bind_ip
-            ports = dict(self._direct_ports or ports)  # a restart asks for the same ports
-        connection = {
+            ports = dict(self._direct_ports or ports)
+        return {
             **ports,
             "ip": bind_ip,
             "transport": "tcp",
             "signature_scheme": self.connection_info.get("signature_scheme", "hmac-sha256"),
             "key": key.decode() if isinstance(key, bytes) else str(key),
             "kernel_name": self.kernel_spec.name if self.kernel_spec is not None else "",
-            **curve,
+            **{
+                name: str(self.connection_info[name])
+                for name in ("curve_publickey", "curve_secretkey")
+                if self.connection_info.get(name)
+            },
         }
+
+    def _launch_script(
+        self, cmd: list[str], connection: dict[str, Any], where: str
+    ) -> tuple[str, str]:
+        """The script that starts the kernel, and where it runs (for messages)."""
         kernel_id = str(self.kernel_id)
         launch = RemoteLaunch(
             kernel_id=kernel_id,
@@ -784,16 +669,20 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             foreground=self.in_slurm,
         )
         script = build_launch_script(launch)
-        where = target.label
         if self.in_slurm and self._job is not None:
             script = build_step_script(
                 script, job_id=self._job.job_id, node=self._job.node, kernel_id=kernel_id
             )
             where = f"{self._job.node} (Slurm job {self._job.job_id})"
-        report = LaunchReport()
+        return script, where
 
-        started = time.monotonic()
-        deadline = started + self.launch_timeout
+    async def _run_launch(
+        self, conn: SSHConnection, script: str, where: str, cmd: list[str]
+    ) -> LaunchReport:
+        """Run the launch script until the kernel reports its ports; abandon it on failure."""
+        kernel_id = str(self.kernel_id)
+        report = LaunchReport()
+        deadline = time.monotonic() + self.launch_timeout
 
         def feed(line: str) -> bool:
             report.feed(line)  # after NPR_DIED the tail of the kernel's log follows: read it
@@ -819,70 +708,61 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if not report.done:
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
-        if self.direct:
-            ports = {name: report.ports.get(name, 0) for name in PORT_NAMES}
-            # The kernel may report its ports (or, at a restart, be given them) before
-            # it has bound them: wait until its shell port answers, or it has died.
-            alive = functools.partial(
-                conn.request, "alive", str(report.pid), report.start_time, kernel_id
-            )
-            try:
-                await in_thread(
-                    _wait_reachable, bind_ip, ports["shell_port"], alive, self.launch_timeout
-                )
-            except (OSError, SSHConnectError, TimeoutError) as exc:
-                tail = await self._kernel_log_tail(conn, kernel_id)
-                await self._abandon(kernel_id)
-                if isinstance(exc, ConnectionRefusedError):  # it ended before binding
-                    raise LaunchError(
-                        f"the kernel on {where} ended before it listened on "
-                        f"{bind_ip}:{ports['shell_port']}",
-                        hint="see its output below; at a restart, another process may "
-                        "have taken one of its ports",
-                        command=cmd,
-                        stderr=tail,
-                    ) from None
+        return report
+
+    async def _wait_direct_reachable(
+        self, conn: SSHConnection, report: LaunchReport, bind_ip: str, where: str, cmd: list[str]
+    ) -> None:
+        """Direct: the kernel may report its ports (or, at a restart, be given them)
+        before it has bound them; wait until its shell port answers, or it has died."""
+        kernel_id = str(self.kernel_id)
+        port = report.ports.get("shell_port", 0)
+        alive = functools.partial(
+            conn.request, "alive", str(report.pid), report.start_time, kernel_id
+        )
+        try:
+            await in_thread(_wait_reachable, bind_ip, port, alive, self.launch_timeout)
+        except (OSError, SSHConnectError, TimeoutError) as exc:
+            tail = await self._kernel_log_tail(conn, kernel_id)
+            await self._abandon(kernel_id)
+            if isinstance(exc, ConnectionRefusedError):  # it ended before binding
                 raise LaunchError(
-                    f"the kernel on {where} listens on {bind_ip}, but this machine cannot "
-                    f"reach {bind_ip}:{ports['shell_port']}: {exc}",
-                    hint="data_path 'direct' needs that address reachable from here (inside "
-                    "the site's network); use data_path tunnel",
+                    f"the kernel on {where} ended before it listened on {bind_ip}:{port}",
+                    hint="see its output below; at a restart, another process may have "
+                    "taken one of its ports",
                     command=cmd,
                     stderr=tail,
                 ) from None
+            raise LaunchError(
+                f"the kernel on {where} listens on {bind_ip}, but this machine cannot "
+                f"reach {bind_ip}:{port}: {exc}",
+                hint="data_path 'direct' needs that address reachable from here (inside "
+                "the site's network); use data_path tunnel",
+                command=cmd,
+                stderr=tail,
+            ) from None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        conn, target = self._conn, self._target
+        if conn is None or target is None:
+            raise SSHConnectError("launch_kernel called before pre_launch")
+        kernel_id = str(self.kernel_id)
+        bind_ip = self._bind_ip if self.direct else "127.0.0.1"
+        connection = self._launch_connection(bind_ip)
+        script, where = self._launch_script(cmd, connection, target.label)
+        started = time.monotonic()
+        report = await self._run_launch(conn, script, where, cmd)
+        if self.direct:
+            await self._wait_direct_reachable(conn, report, bind_ip, where, cmd)
+        curve = "curve_secretkey" in connection
         if curve and not await in_thread(self._kernel_encrypts, conn, report, bind_ip):
-            if self.direct:
+            if self.direct or self.transport_encryption == "required":
                 await self._abandon(kernel_id)
-                raise LaunchError(
-                    f"the kernel on {where} does not support CurveZMQ transport encryption "
-                    "(its sockets announce none: an ipykernel without it), which data_path "
-                    "'direct' requires",
-                    hint="use an ipykernel with CurveZMQ support on the remote side, or set "
-                    "data_path to tunnel",
-                    command=cmd,
-                )
-            if self.transport_encryption == "required":
-                await self._abandon(kernel_id)
-                raise LaunchError(
-                    f"the kernel on {where} does not support CurveZMQ transport encryption "
-                    "(its sockets announce none: an ipykernel without it), and "
-                    "transport_encryption is 'required'",
-                    hint="use an ipykernel with CurveZMQ support on the remote side (its "
-                    "kernelspec lists supported_encryption: curve), or set "
-                    "transport_encryption to auto",
-                    command=cmd,
-                )
-            self.log.warning(
-                "%s: kernel %s on %s runs without transport encryption: its ipykernel does "
-                "not support CurveZMQ. SSH still encrypts the network, but other users of "
-                "that host can read the kernel's output on its loopback ports. Upgrade "
-                "ipykernel there, or set transport_encryption to required to refuse this.",
-                self.provisioner_name,
-                kernel_id,
-                where,
-            )
+                raise curve_refusal(where, cmd, direct=self.direct)
+            self.log.warning(UNENCRYPTED_WARNING, self.provisioner_name, kernel_id, where)
             self._drop_curve_keys()
         if self.direct:
+            ports = {name: report.ports.get(name, 0) for name in PORT_NAMES}
             self._direct_ports = ports
             info: dict[str, Any] = {**self.connection_info, **ports, "ip": bind_ip}
             self.connection_info = info  # type: ignore[assignment]
@@ -1092,7 +972,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         info["connection_info"] = connection
         info["remote"] = asdict(self.remote) if self.remote is not None else None
         info["slurm_job"] = asdict(self._job) if self._job is not None else None
-        info["plain"] = self._plain
+        info["plain"] = self._tunnel is not None and self._tunnel.plain
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -1118,9 +998,9 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         if self.direct:  # the kernel's own address and ports, as saved
             self._direct_ports = {name: int(connection[name]) for name in PORT_NAMES}
         else:
-            self._plain = bool(provisioner_info.get("plain"))
-            self._open_listeners()
-            connection.update(self._listener_endpoints())
+            self.tunnel.plain = bool(provisioner_info.get("plain"))
+            self.tunnel.open(self._connection_file())
+            connection.update(self.tunnel.endpoints())
         self.connection_info = connection  # type: ignore[assignment]
         await in_thread(conn.request, "watch", self.remote.kernel_id)
 

@@ -1,0 +1,90 @@
+"""CurveZMQ for remote and Slurm kernels: the keys, the greeting check, the refusals.
+
+The keys are made on the Jupyter side and kept across restarts.  Whether the kernel
+really encrypts is read from its shell socket's ZMTP greeting, not from its
+connection file: ipykernel merges its ports into that file, so one without CurveZMQ
+(ipykernel 6) leaves our keys there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from ..errors import ConfigError, LaunchError
+from ..transports.connection import SSHConnection
+from ..transports.zmtp import read_mechanism
+
+UNENCRYPTED_WARNING = (
+    "%s: kernel %s on %s runs without transport encryption: its ipykernel does not "
+    "support CurveZMQ. SSH still encrypts the network, but other users of that host can "
+    "read the kernel's output on its loopback ports. Upgrade ipykernel there, or set "
+    "transport_encryption to required to refuse this."
+)
+
+
+def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger | Any) -> None:
+    """Give the manager a CurveZMQ server key pair (kept across restarts), per ``policy``
+    (``required`` for data_path direct: its ports are on the network)."""
+    if policy == "disabled":
+        km.curve_publickey = km.curve_secretkey = None
+        return
+    if not zmq.has("curve"):
+        if policy == "required":
+            raise ConfigError(
+                "CurveZMQ is required (transport_encryption 'required', or data_path "
+                "'direct'), but this pyzmq has no CurveZMQ",
+                hint="install pyzmq from a PyPI wheel (it bundles libsodium), or set "
+                "transport_encryption to auto and data_path to tunnel",
+            )
+        log.warning("%s: this pyzmq has no CurveZMQ; the kernel's sockets are not encrypted", name)
+        return
+    if km.curve_publickey is None or km.curve_secretkey is None:
+        km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+
+
+def announced_mechanism(conn: SSHConnection, address: str, port: int, *, direct: bool) -> str:
+    """The mechanism the kernel's shell socket announces ("" without an answer).
+
+    Direct: a TCP connection to ``address:port``; tunnel: a ``direct-tcpip`` channel
+    to the port on the remote loopback.  Blocking.
+    """
+    if direct:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((address, port), timeout=5.0) as sock,
+        ):
+            return read_mechanism(sock)
+        return ""
+    chan = conn.open_forward(port)
+    if chan is None:
+        return ""
+    try:
+        return read_mechanism(chan)
+    finally:
+        chan.close()
+
+
+def curve_refusal(where: str, command: Sequence[str], *, direct: bool) -> LaunchError:
+    """A kernel that does not encrypt, where encryption is required."""
+    if direct:
+        return LaunchError(
+            f"the kernel on {where} does not support CurveZMQ transport encryption (its "
+            "sockets announce none: an ipykernel without it), which data_path 'direct' "
+            "requires",
+            hint="use an ipykernel with CurveZMQ support on the remote side, or set "
+            "data_path to tunnel",
+            command=command,
+        )
+    return LaunchError(
+        f"the kernel on {where} does not support CurveZMQ transport encryption (its sockets "
+        "announce none: an ipykernel without it), and transport_encryption is 'required'",
+        hint="use an ipykernel with CurveZMQ support on the remote side (its kernelspec "
+        "lists supported_encryption: curve), or set transport_encryption to auto",
+        command=command,
+    )
