@@ -30,7 +30,8 @@ from .errors import NERSCProvisionerError, SSHConnectError, tail
 from .kernelspec import get_kernel_spec, provisioner_class
 from .launchers.remote import build_probe_script
 from .provisioners.local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES, NERSCLocalProvisioner
-from .provisioners.remote import SSH_EXECUTOR, NERSCRemoteProvisioner, in_thread
+from .provisioners.remote import NERSCRemoteProvisioner
+from .provisioners.workers import SSH_EXECUTOR, in_thread
 from .shell import join, quote
 from .slurm.allocation import (
     AllocationError,

@@ -221,7 +221,7 @@ async def test_direct_in_a_slurm_job(start_kernel: KernelFactory) -> None:
     config = {**remote_config(full.ssh), "data_path": "direct", "slurm": {"time": "10"}}
     km = await start_kernel(config, provisioner="nersc-cori")
     kc = await ready_client(km)
-    job = km.provisioner._job  # type: ignore[union-attr]
+    job = km.provisioner.slurm_job  # type: ignore[union-attr]
     assert job is not None
     try:
         info = km.get_connection_info()

@@ -123,7 +123,7 @@ def node_filled(rig: Rig) -> Any:
 
 def job_of(km: Any) -> str:
     """The Slurm job of a kernel manager's provisioner (or of a provisioner)."""
-    job = getattr(km, "provisioner", km)._job
+    job = getattr(km, "provisioner", km).slurm_job
     assert job is not None
     return str(job.job_id)
 
@@ -275,7 +275,7 @@ async def test_interrupt_or_shutdown_while_queued_cancels_the_job(
 
         def our_job() -> str:
             provisioner = managers[0].provisioner if managers else None
-            alloc = getattr(provisioner, "_allocation", None)
+            alloc = provisioner.kernel_job.allocation if provisioner is not None else None
             return alloc.job_id if alloc is not None else ""
 
         assert await wait_until(lambda: our_job() and job_state(our_job()) == "PENDING", 30)
@@ -455,7 +455,7 @@ async def test_silent_controller_means_unknown_not_dead(
         os.kill(pid, signal.SIGTERM)
         try:
             assert await wait_until(lambda: not psutil.pid_exists(pid), 20)
-            status = await km.provisioner._job_status()  # type: ignore[union-attr]
+            status = await km.provisioner.kernel_job.status()  # type: ignore[union-attr]
             assert status is not None
             assert status.state is JobState.UNKNOWN
             assert await km.is_alive()
@@ -469,7 +469,7 @@ async def test_silent_controller_means_unknown_not_dead(
                 if "UP" in ping.stdout:
                     break
                 await asyncio.sleep(0.5)
-        status = await km.provisioner._job_status()  # type: ignore[union-attr]
+        status = await km.provisioner.kernel_job.status()  # type: ignore[union-attr]
         assert status is not None
         assert status.state is JobState.RUNNING
         assert await km.is_alive()

@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
@@ -37,7 +37,6 @@ from ..errors import (
     ConfigError,
     LaunchError,
     LaunchTimeout,
-    NERSCProvisionerError,
     SSHConnectError,
 )
 from ..launchers.remote import (
@@ -52,35 +51,26 @@ from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
 from ..shell import join
 from ..slurm.allocation import (
-    AllocationError,
-    JobStatus,
     Runner,
-    SlurmAllocation,
     local_runner,
     script_runner,
 )
 from ..slurm.commands import holder_argv
-from ..slurm.states import JobState
 from ..systems import SYSTEMS, System
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from .encryption import UNENCRYPTED_WARNING, announced_mechanism, curve_refusal, provide_curve_keys
+from .kernel_job import KernelJob, SlurmJob
 from .local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES
 from .options import LaunchPlan, WrapperOptions
 from .tunnel import Tunnel
+from .workers import SSH_EXECUTOR, in_thread
 
 #: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
 _HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
 
 #: Where compute nodes' host keys are, besides the user's known_hosts.
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
-
-#: Blocking SSH work runs here, never on the Jupyter event loop.
-SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
-
-
-async def in_thread(func: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(SSH_EXECUTOR, func, *args)
 
 
 @dataclass
@@ -95,16 +85,6 @@ class RemoteKernel:
     reported_gone: bool = False
     reported_down: bool = False
     seen_reconnects: int = 0
-
-
-@dataclass
-class SlurmJob:
-    """The allocation a kernel runs in, for reattaching (``get_provisioner_info``)."""
-
-    job_id: str
-    owned: bool
-    node: str
-    node_addr: str
 
 
 class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -189,13 +169,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     #: the clients' connections stay valid.
     _direct_ports: dict[str, int] | None = None
     _bind_ip = "127.0.0.1"
-    # Slurm mode
-    _allocation: SlurmAllocation | None = None
-    _job: SlurmJob | None = None
-    _pending = False  # the job is waiting in the queue
-    _replaced_after: str = ""
-    _shut_down_while_pending = False  # "JOB (STATE)" of the job whose end led to a new allocation
-    _job_end: JobStatus | None = None
+    _kernel_job: KernelJob | None = None
 
     def target(self) -> SSHTarget:
         """The SSH target these settings resolve to (reads ~/.ssh/config)."""
@@ -217,7 +191,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     def has_process(self) -> bool:
         # A job waiting in the queue counts, so that an interrupt or a shutdown
         # reaches us (and cancels it) instead of waiting for the start to finish.
-        return self.remote is not None or self._pending
+        return self.remote is not None or self.kernel_job.queued
 
     @property
     def in_slurm(self) -> bool:
@@ -332,7 +306,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     def _direct_address(self) -> str:
         """data_path direct: the IPv4 address the kernel binds and Jupyter connects to."""
         if self.in_slurm:
-            host = self._job.node_addr if self._job is not None else ""
+            job = self.kernel_job.job
+            host = job.node_addr if job is not None else ""
         else:
             conn, target = self._conn, self._target
             if conn is None or target is None:
@@ -406,70 +381,27 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
         return script_runner(run)
 
+    @property
+    def kernel_job(self) -> KernelJob:
+        """The Slurm job the kernel runs in (its phase is NONE without ``slurm``)."""
+        if self._kernel_job is None:
+            self._kernel_job = KernelJob(self.provisioner_name, self.log)
+        return self._kernel_job
+
+    @property
+    def slurm_job(self) -> SlurmJob | None:
+        """The running job's id and node, once there is one."""
+        return self.kernel_job.job
+
     async def _ensure_allocation(self, login: SSHConnection | None) -> SlurmJob:
         """A running allocation for the kernel: the one we hold, or a new one (with a wait)."""
-        options = self.slurm_options()
-        alloc, job = self._allocation, self._job
-        if alloc is not None and job is not None:
-            status: JobStatus = await in_thread(alloc.status)
-            if not status.state.terminal:
-                return job  # a restart: a new step in the same job, no queue wait
-            ended = f"{alloc.job_id} ({status.state.value})"
-            self._allocation = self._job = None
-            if options.job_id:
-                raise AllocationError(
-                    f"your Slurm job {ended} has ended; the kernel cannot run in it again",
-                    hint="get a new allocation and put its id in job_id, or remove job_id to "
-                    "let the kernel ask for one",
-                )
-            if self._replaced_after:
-                raise AllocationError(
-                    f"Slurm job {ended} has ended, and a new allocation was already requested "
-                    f"once for this kernel (after job {self._replaced_after} ended); none is "
-                    "requested again",
-                    hint="shut the kernel down and start it anew when you want another "
-                    "allocation; check `time` in the slurm settings",
-                )
-            self._replaced_after = ended
-            self.log.warning(
-                "%s: Slurm job %s has ended; asking once for a new allocation",
-                self.provisioner_name,
-                ended,
-            )
-
-        alloc = SlurmAllocation(options, runner=self._slurm_runner(login), logger=self.log)
-        self._allocation = alloc
-        self._pending = True
-        started = time.monotonic()
-        # One thread submits, waits and finds the node; on any failure it cancels the job.
-        work = SSH_EXECUTOR.submit(_allocate, alloc, self.queue_timeout)
-        try:
-            node, address = await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-            # The start was abandoned (the server is stopping, a client gave up). The
-            # thread cancels the job through the login connection, which is given
-            # back only after that.
-            alloc.request_stop("the start was cancelled")
-            self._allocation = None
-            self._release_after(work)
-            raise
-        except BaseException:
-            self._allocation = None
-            if self._shut_down_while_pending:
-                await self._let_shutdown_finish()
-            raise
-        finally:
-            self._pending = False
-        self._job = SlurmJob(alloc.job_id, alloc.owned, node, address)
-        self.log.info(
-            "%s: Slurm job %s ready on %s (%s) after %.1f s",
-            self.provisioner_name,
-            alloc.job_id,
-            node,
-            address,
-            time.monotonic() - started,
+        return await self.kernel_job.ensure(
+            self.slurm_options(),
+            self._slurm_runner(login),
+            self.queue_timeout,
+            release_after=self._release_after,
+            after_failure=self._let_shutdown_finish,
         )
-        return self._job
 
     async def _let_shutdown_finish(self) -> None:
         """A shutdown_kernel() overlapping this start: end the start after it.
@@ -498,62 +430,6 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 ConnectionPool.put(login_target, login)
 
         work.add_done_callback(lambda done: SSH_EXECUTOR.submit(release, done))
-
-    async def _job_status(self, *, settle: bool = False) -> JobStatus | None:
-        """The job's state (UNKNOWN if the controller does not answer); with ``settle``,
-        a job that is ending (COMPLETING) is waited for until its final state shows."""
-        alloc = self._allocation
-        if alloc is None:
-            return None
-        try:
-            status: JobStatus = await in_thread(alloc.settled_status if settle else alloc.status)
-        except NERSCProvisionerError:
-            return JobStatus(JobState.UNKNOWN, "the login node does not answer")
-        return status
-
-    async def _report_job_end(self, kernel_id: str) -> bool:
-        """If the kernel's job has ended, say so (once) and return True."""
-        status = await self._job_status(settle=True)
-        if status is None or not status.state.terminal:
-            return False
-        if self._job_end is None:
-            self._job_end = status
-            alloc = self._allocation
-            self.log.error(
-                "kernel %s: Slurm job %s has ended: %s%s",
-                kernel_id,
-                alloc.job_id if alloc else "?",
-                status.state.value,
-                f" ({status.reason})" if status.reason and status.reason != "None" else "",
-            )
-        return True
-
-    async def _end_allocation(self) -> None:
-        """At shutdown: cancel the job unless it is the user's own or is to be kept."""
-        alloc = self._allocation
-        self._allocation = self._job = None
-        if alloc is None:
-            return
-        if self._pending:
-            alloc.request_stop("the kernel was shut down")
-            return
-        if self._job_end is not None:
-            self.log.info(
-                "%s: Slurm job %s had already ended (%s); nothing to cancel",
-                self.provisioner_name,
-                alloc.job_id,
-                self._job_end.state.value,
-            )
-            return
-        if await in_thread(alloc.cancel):
-            return
-        if alloc.job_id:
-            self.log.info(
-                "%s: Slurm job %s left running (%s)",
-                self.provisioner_name,
-                alloc.job_id,
-                "keep is set" if alloc.owned else "it is your own allocation (job_id)",
-            )
 
     @property
     def tunnel(self) -> Tunnel:
@@ -598,8 +474,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 self.tunnel.point_manager(km)
                 km.write_connection_file()
             self.connection_info = km.get_connection_info()
-        self._job_end = None
-        self._shut_down_while_pending = False
+        self.kernel_job.new_start()
         try:
             await self._connection()
             if self.direct:
@@ -608,7 +483,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             raise  # what is still in use is given back by the thread that uses it
         except BaseException:
             self._close_listeners()
-            await self._end_allocation()
+            await self.kernel_job.end()
             await self._release_connections()
             raise
         kwargs.pop("env", None)  # the local environment is not sent to the remote host
@@ -669,11 +544,12 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             foreground=self.in_slurm,
         )
         script = build_launch_script(launch)
-        if self.in_slurm and self._job is not None:
+        job = self.kernel_job.job
+        if self.in_slurm and job is not None:
             script = build_step_script(
-                script, job_id=self._job.job_id, node=self._job.node, kernel_id=kernel_id
+                script, job_id=job.job_id, node=job.node, kernel_id=kernel_id
             )
-            where = f"{self._job.node} (Slurm job {self._job.job_id})"
+            where = f"{job.node} (Slurm job {job.job_id})"
         return script, where
 
     async def _run_launch(
@@ -806,9 +682,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def poll(self) -> int | None:
         remote, conn = self.remote, self._conn
-        if self._pending and remote is None:
-            alloc = self._allocation
-            return 1 if alloc is not None and alloc.stop.is_set() else None
+        if self.kernel_job.queued and remote is None:
+            return 1 if self.kernel_job.stop_requested() else None
         if remote is None or conn is None:
             return 0
         if conn.fatal is not None:
@@ -822,7 +697,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 "kernel %s: connection to %s re-established", remote.kernel_id, conn.target.label
             )
         if not conn.connected:
-            if self.in_slurm and await self._report_job_end(remote.kernel_id):
+            if self.in_slurm and await self.kernel_job.report_end(remote.kernel_id):
                 return 1  # the node went with the job: no reconnect to wait for
             down_for = time.monotonic() - (conn.down_since or time.monotonic())
             if down_for < self.reconnect_grace:
@@ -859,7 +734,7 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             if (
                 self.in_slurm
                 and not self._stopping
-                and await self._report_job_end(remote.kernel_id)
+                and await self.kernel_job.report_end(remote.kernel_id)
             ):
                 return 1
             if self._stopping:  # expected during a shutdown or restart
@@ -895,18 +770,19 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
     async def send_signal(self, signum: int) -> None:
         remote, conn = self.remote, self._conn
         name = signal.Signals(signum).name.removeprefix("SIG")
-        alloc = self._allocation
-        if remote is None and self._pending and alloc is not None:
+        alloc = self.kernel_job.allocation
+        if remote is None and self.kernel_job.queued and alloc is not None:
             stopping = self._stopping or getattr(self.parent, "shutting_down", False)
             what = "shut down" if stopping or signum != signal.SIGINT else "interrupted"
-            self._shut_down_while_pending = what == "shut down"
             self.log.info(
                 "%s: the kernel was %s while Slurm job %s waited in the queue; cancelling it",
                 self.provisioner_name,
                 what,
                 alloc.job_id or "(not yet submitted)",
             )
-            alloc.request_stop(f"the kernel was {what}")
+            self.kernel_job.stop_while_queued(
+                f"the kernel was {what}", shutdown=what == "shut down"
+            )
             return
         if remote is None or conn is None:
             return
@@ -925,9 +801,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         self._stopping = True
-        alloc = self._allocation
-        if self._pending and alloc is not None and not restart:
-            alloc.request_stop("the kernel was shut down")
+        if not restart and self.kernel_job.queued and self.kernel_job.allocation is not None:
+            self.kernel_job.allocation.request_stop("the kernel was shut down")
 
     async def terminate(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGTERM)
@@ -946,17 +821,14 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
                 self.log.warning("cleanup of kernel %s on the remote host: %s", kernel_id, exc)
         self.remote = None
         if not restart:
-            alloc = self._allocation
-            if self._pending and alloc is not None:
-                # Shut down while the job waits in the queue: the waiting start
-                # cancels the job and gives back what it holds.
-                self._shut_down_while_pending = True
-                alloc.request_stop("the kernel was shut down")
+            # Shut down while the job waits in the queue: the waiting start
+            # cancels the job and gives back what it holds.
+            if self.kernel_job.stop_while_queued("the kernel was shut down"):
                 return
             self._close_listeners()
             self._direct_ports = None
             if self.in_slurm:
-                await self._end_allocation()
+                await self.kernel_job.end()
             await self._release_connections()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
@@ -971,7 +843,8 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
             connection["key"] = connection["key"].decode()
         info["connection_info"] = connection
         info["remote"] = asdict(self.remote) if self.remote is not None else None
-        info["slurm_job"] = asdict(self._job) if self._job is not None else None
+        job = self.kernel_job.job
+        info["slurm_job"] = asdict(job) if job is not None else None
         info["plain"] = self._tunnel is not None and self._tunnel.plain
         return info
 
@@ -983,13 +856,10 @@ class NERSCRemoteProvisioner(WrapperOptions, KernelProvisionerBase):  # type: ig
         self.remote = RemoteKernel(**remote)
         slurm_job = provisioner_info.get("slurm_job")
         if slurm_job:
-            self._job = SlurmJob(**slurm_job)
             login = None if self.login_is_local else await self._login_connection()
-            options = replace(self.slurm_options(), job_id=self._job.job_id)
-            self._allocation = SlurmAllocation(
-                options, runner=self._slurm_runner(login), logger=self.log
+            self.kernel_job.attach(
+                SlurmJob(**slurm_job), self.slurm_options(), self._slurm_runner(login)
             )
-            self._allocation.owned = self._job.owned
         conn = await self._connection()
         self.remote.seen_reconnects = conn.reconnects
         connection: dict[str, Any] = dict(self.connection_info)
@@ -1026,22 +896,6 @@ def _wait_reachable(address: str, port: int, alive: Callable[[], str], timeout: 
                     raise
                 next_check = time.monotonic() + 0.5
             time.sleep(0.02)
-
-
-def _allocate(alloc: SlurmAllocation, queue_timeout: float) -> tuple[str, str]:
-    """Submit (or attach), wait in the queue, find the node: (name, address).  Blocking.
-
-    On any failure, including a stop requested while waiting, the job is cancelled
-    (if it is ours) before the error propagates.
-    """
-    try:
-        alloc.submit()
-        status = alloc.wait_running(queue_timeout)
-        return alloc.first_node(status.nodes)
-    except BaseException:
-        if alloc.owned:
-            alloc.cancel(force=True)
-        raise
 
 
 class NERSCLoginNodeSlurm(NERSCRemoteProvisioner):
