@@ -29,7 +29,8 @@ from jupyter_client.manager import AsyncKernelManager
 from .errors import NERSCProvisionerError, SSHConnectError, tail
 from .kernelspec import get_kernel_spec, provisioner_class
 from .launchers.remote import build_probe_script
-from .provisioners.local import DEFAULT_KERNEL_ARGV, PYTHON_NAMES, NERSCLocalProvisioner
+from .provisioners.argv import local_python, spec_argv
+from .provisioners.local import NERSCLocalProvisioner
 from .provisioners.remote import NERSCRemoteProvisioner
 from .provisioners.workers import SSH_EXECUTOR, in_thread
 from .shell import join, quote
@@ -182,15 +183,13 @@ class Checker:
     def _remote_probe(self) -> tuple[str, str]:
         """The Python the remote side runs, and the script that probes it there."""
         provisioner = self._remote()
-        argv = list(self.installed.spec.get("argv") or DEFAULT_KERNEL_ARGV)
-        python = provisioner.remote_python or argv[0]
+        python = provisioner.remote_python or spec_argv(self.installed.spec.get("argv"))[0]
         setup = provisioner.environment_setup(env=self.installed.spec.get("env") or {})
         return python, build_probe_script(setup, python)
 
     async def python(self) -> str:
         provisioner = self.provisioner
-        argv = list(self.installed.spec.get("argv") or DEFAULT_KERNEL_ARGV)
-        python = argv[0]
+        python = spec_argv(self.installed.spec.get("argv"))[0]
         if isinstance(provisioner, NERSCRemoteProvisioner):
             python, script = self._remote_probe()
             transport = self._transport()
@@ -198,10 +197,9 @@ class Checker:
                 lambda: exec_script(transport, script, timeout=provisioner.launch_timeout)
             )
         else:
-            import sys
-
-            if python in PYTHON_NAMES and not provisioner.environment_setup().needed:
-                python = sys.executable
+            python = local_python(
+                self.installed.spec.get("argv"), provisioner.environment_setup().needed
+            )
             script = build_probe_script(provisioner.environment_setup(), python)
             result = await in_thread(
                 lambda: run_command(["bash", "--noprofile", "--norc", "-c", script], check=False)

@@ -1,6 +1,7 @@
 """Provisioners: the only code that knows jupyter_client."""
 
-from .local import DEFAULT_KERNEL_ARGV, NERSCLocalProvisioner
+from .argv import DEFAULT_KERNEL_ARGV
+from .local import NERSCLocalProvisioner
 from .options import LaunchPlan, WrapperOptions
 from .remote import NERSCCoriProvisioner, NERSCPerlmutterProvisioner, NERSCRemoteProvisioner
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from ..transports.local_sockets import (
     make_private_dir,
     remove_private_dir,
 )
+from .argv import DEFAULT_KERNEL_ARGV, as_jupyter_client_runs_it, local_argv, spec_argv
 from .local_sockets import (
     UNPROTECTED_WARNING,
     KernelExited,
@@ -45,29 +44,8 @@ from .local_sockets import (
 )
 from .options import LaunchPlan, WrapperOptions
 
-#: The kernel argv used when kernel.json has none.
-DEFAULT_KERNEL_ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
-
-#: argv[0] values that jupyter_client replaces with its own ``sys.executable``.
-PYTHON_NAMES = frozenset(
-    {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
-)
-
 # How long a wrapper that reported failure may take to exit before it is killed.
 _EXIT_GRACE = 5.0
-
-
-def target_argv(spec_argv: Sequence[str], formatted: Sequence[str], wrapped: bool) -> list[str]:
-    """The kernel argv to run.
-
-    jupyter_client swaps a bare ``python`` for its own interpreter.  Through a
-    wrapper (modules, setup lines, a container) the user means the ``python``
-    that the environment provides, so the swap is undone there.
-    """
-    argv = list(formatted)
-    if wrapped and spec_argv and argv and spec_argv[0] in PYTHON_NAMES:
-        argv[0] = spec_argv[0]
-    return argv
 
 
 class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[misc,metaclass]
@@ -198,12 +176,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         if self._in_job is not None:
             return self._in_job.launch_plan()  # type: ignore[no-any-return]
         setup = self.environment_setup(mounts=self._mounts())
-        spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
-        spec_argv = spec_argv or list(DEFAULT_KERNEL_ARGV)
-        formatted = list(spec_argv)
-        if formatted[0] in PYTHON_NAMES:
-            formatted[0] = sys.executable  # what jupyter_client does before we see the argv
-        kernel_cmd = target_argv(spec_argv, formatted, setup.needed)
+        argv = spec_argv(self.kernel_spec.argv if self.kernel_spec is not None else None)
+        kernel_cmd = local_argv(argv, as_jupyter_client_runs_it(argv), setup.needed)
         if not setup.needed:
             return LaunchPlan(script=None, command=list(kernel_cmd))
         return LaunchPlan(
@@ -223,7 +197,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             # No port cache: the kernel binds ports of its own choosing, or IPC names.
             km.cache_ports = False
         kwargs = await super().pre_launch(**kwargs)
-        spec_argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        spec = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
         metadata = dict(self.kernel_spec.metadata or {}) if self.kernel_spec is not None else {}
         self._self_binding = writes_back_ports(kwargs["cmd"], metadata)
         self._attempts = []
@@ -237,7 +211,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
                 parent = os.path.dirname(os.path.abspath(km.connection_file))
                 self._socket_dir = await asyncio.to_thread(make_private_dir, (parent,))
         self._setup = self.environment_setup(mounts=self._mounts())
-        kwargs["cmd"] = target_argv(spec_argv, kwargs["cmd"], self._setup.needed)
+        kwargs["cmd"] = local_argv(spec, kwargs["cmd"], self._setup.needed)
         return kwargs
 
     def _popen(self, cmd: list[str], **kwargs: Any) -> None:

@@ -1,0 +1,176 @@
+"""The settings of a remote kernel (``nersc-cori``, ``nersc-perlmutter``, and the
+Slurm step of ``nersc-local``), and what they resolve to: the SSH target, the
+remote argv and setup, the launch plan ``show`` prints.  No I/O but reading
+~/.ssh/config in :meth:`RemoteOptions.target`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, ClassVar
+
+from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, default, validate
+
+from ..launchers.remote import PORT_NAMES, RemoteLaunch, build_launch_script
+from ..launchers.step import build_step_script
+from ..launchers.wrapper import EnvironmentSetup
+from ..shell import join
+from ..slurm.commands import holder_argv
+from ..systems import System
+from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
+from .argv import remote_argv
+from .options import LaunchPlan, WrapperOptions
+
+#: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
+_HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+
+class RemoteOptions(WrapperOptions):
+    """The remote settings, on top of the wrapper's (modules, setup, container, slurm)."""
+
+    system: ClassVar[System] = System(name="remote", host="")
+    #: True when Jupyter itself runs on the login node (``nersc-local`` with ``slurm``):
+    #: Slurm commands run here, and the job's node is reached by ssh from here.
+    login_is_local: ClassVar[bool] = False
+
+    host = Unicode(help="Host to log in to (an ~/.ssh/config alias works).").tag(config=True)
+    user = Unicode(help="User name on the host ('' : from ~/.ssh/config or local).").tag(
+        config=True
+    )
+    port = Int(help="SSH port (0: from ~/.ssh/config, else 22).").tag(config=True)
+    identity_file = Unicode(
+        help="Private key; its '-cert.pub' certificate is used with it "
+        "('' : IdentityFile from ~/.ssh/config, else the system's default, ~/.ssh/nersc "
+        "for NERSC systems)."
+    ).tag(config=True)
+    ssh_config = Unicode(DEFAULT_SSH_CONFIG, help="ssh config file to honour ('' to ignore).").tag(
+        config=True
+    )
+    known_hosts = List(Unicode(), help="known_hosts files (default ~/.ssh/known_hosts).").tag(
+        config=True
+    )
+    remote_python = Unicode(
+        help="Python on the remote host that runs ipykernel (replaces a bare `python` in "
+        "argv); resolved there, after modules and setup lines."
+    ).tag(config=True)
+    remote_cwd = Unicode(help="Directory the kernel starts in on the remote host.").tag(config=True)
+    lease_timeout = Int(
+        1800, help="Seconds without contact after which the remote watchdog ends the kernel."
+    ).tag(config=True)
+    reconnect_grace = Float(
+        300.0, help="Seconds a kernel is still reported alive while its connection is down."
+    ).tag(config=True)
+    data_path = CaselessStrEnum(
+        ["tunnel", "direct"],
+        "tunnel",
+        help="How Jupyter reaches the kernel's ZeroMQ ports. tunnel: forwarded over the SSH "
+        "connection, the kernel bound to the host's 127.0.0.1 (works from anywhere SSH "
+        "works). direct: the kernel binds the address SSH reached (the login node's, or the "
+        "job node's) and Jupyter connects to it with CurveZMQ required; faster, but only "
+        "where that address is reachable (inside the site's network).",
+    ).tag(config=True)
+
+    @default("host")
+    def _default_host(self) -> str:
+        return self.system.host
+
+    @validate("host")
+    def _check_host(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if not value or value.startswith("-") or not _HOST.match(value):
+            raise TraitError(
+                f"host must be a host name, an address or an ssh config alias, not {value!r} "
+                "(give the user and port as `user` and `port`)"
+            )
+        return value
+
+    @validate("lease_timeout")
+    def _check_lease(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 15:
+            raise TraitError(f"lease_timeout must be at least 15 seconds, not {value}")
+        return value
+
+    def _spec(self) -> Any:
+        """The kernel spec (a trait of the provisioner this is mixed into)."""
+        return getattr(self, "kernel_spec", None)
+
+    def target(self) -> SSHTarget:
+        """The SSH target these settings resolve to (reads ~/.ssh/config)."""
+        return resolve_target(
+            self.host,
+            user=self.user,
+            port=self.port,
+            identity_file=self.identity_file,
+            ssh_config=self.ssh_config or None,
+            known_hosts=self.known_hosts,
+            fallback_identity_file=self.system.identity_file,
+        )
+
+    @property
+    def direct(self) -> bool:
+        return str(self.data_path) == "direct"
+
+    @property
+    def in_slurm(self) -> bool:
+        return bool(self.slurm)
+
+    def kernel_argv(self) -> list[str]:
+        """The kernel argv for the remote side: jupyter_client's python swap not applied."""
+        spec = self._spec()
+        return remote_argv(spec.argv if spec is not None else None, self.remote_python)
+
+    def remote_setup(self) -> EnvironmentSetup:
+        spec = self._spec()
+        env = dict(spec.env) if spec is not None else {}
+        setup = self.environment_setup(env=env)
+        if self.remote_cwd:
+            setup = replace(setup, cwd=self.remote_cwd)
+        return setup
+
+    def launch_plan(self) -> LaunchPlan:
+        """The launch script (with a placeholder key) and how it runs (for ``show``)."""
+        placeholder = {**dict.fromkeys(PORT_NAMES, 0), "ip": "127.0.0.1", "key": "<key>"}
+        script = build_launch_script(
+            RemoteLaunch(
+                kernel_id="KERNEL_ID",
+                argv=tuple(self.kernel_argv()),
+                connection=placeholder,
+                setup=self.remote_setup(),
+                lease_timeout=self.lease_timeout,
+                foreground=self.in_slurm,
+            )
+        )
+        if self.in_slurm:
+            options = self.slurm_options()
+            login = "this machine" if self.login_is_local else self.host
+            first = (
+                f"# 1. attach to your Slurm job {options.job_id}"
+                if options.job_id
+                else f"# 1. on {login}: {join(holder_argv(options))}"
+            )
+            how = (
+                "directly from here"
+                if self.login_is_local
+                else f"through the connection to {self.host}"
+            )
+            step = build_step_script(
+                script, job_id=options.job_id or "0", node="NODE", kernel_id="KERNEL_ID"
+            )
+            script = "\n".join(
+                [
+                    first,
+                    "# 2. wait for it to run (queue_timeout), then ssh to its first node NODE",
+                    f"#    {how}, and run there (on the stdin of one SSH exec):",
+                    step if options.job_id else step.replace("--jobid=0", "--jobid=JOB"),
+                ]
+            )
+            return LaunchPlan(
+                script=script,
+                command=["ssh NODE", "bash", "--noprofile", "--norc", "-s"],
+            )
+        return LaunchPlan(
+            script=script,
+            command=[f"ssh {self.host}", "bash", "--noprofile", "--norc", "-s"],
+        )
