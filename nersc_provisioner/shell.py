@@ -14,6 +14,15 @@ from collections.abc import Iterable
 from .errors import UnsafeValueError
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_TOKEN = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+
+def check_token(value: str, what: str) -> str:
+    """A word that may travel unquoted (kernel ids, numbers, signal names in the agent
+    protocol and in paths of scripts); raise :class:`UnsafeValueError` otherwise."""
+    if not _TOKEN.match(value):
+        raise UnsafeValueError(f"invalid {what} {value!r} for the remote agent")
+    return value
 
 
 def quote(value: str, *, what: str = "value") -> str:

@@ -18,7 +18,6 @@ import pytest
 
 from nersc_provisioner.errors import ModuleLoadError, UnsafeValueError
 from nersc_provisioner.launchers.remote import (
-    AGENT,
     PORT_NAMES,
     WATCHDOG,
     LaunchReport,
@@ -27,6 +26,7 @@ from nersc_provisioner.launchers.remote import (
     kill_script,
 )
 from nersc_provisioner.launchers.wrapper import EnvironmentSetup
+from nersc_provisioner.transports.agent import AGENT
 
 KEY = "0123456789abcdef0123456789abcdef"
 

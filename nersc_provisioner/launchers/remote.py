@@ -9,10 +9,9 @@ over SSH:
   same wrapper as ``nersc-local`` in a session of its own, starts the
   watchdog, and reports the kernel's PID, start time and the ports the kernel
   chose;
-* the **agent**, one per SSH connection, on a session with a PTY (which also
-  makes sshd set TCP_NODELAY on the whole connection): answers ``alive``,
-  ``signal`` and ``cleanup`` requests, and renews the leases of the kernels
-  it watches;
+* the **agent** (its script and protocol are :mod:`nersc_provisioner.transports.agent`),
+  one per SSH connection: answers ``alive``, ``signal`` and ``cleanup`` requests, and
+  renews the leases of the kernels it watches;
 * the **watchdog**, one per kernel: ends the kernel when its lease has not
   been renewed for ``lease_timeout`` seconds (the Jupyter side died or lost
   contact), and removes the kernel directory when the kernel is gone.
@@ -28,23 +27,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import LaunchError, UnsafeValueError
-from ..shell import join, quote
+from ..errors import LaunchError
+from ..shell import check_token, quote
 from .wrapper import READY_MARKER, EnvironmentSetup, build_script, launch_error_from_exit
 
 #: Where kernels live on the remote side, as a shell expression (expanded there).
 REMOTE_BASE = '"$HOME/.nersc_provisioner/kernels"'
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-
-_TOKEN = re.compile(r"[A-Za-z0-9._-]+\Z")
-
-
-def check_token(value: str, what: str) -> str:
-    """A word that may travel unquoted in the agent protocol (ids, numbers, signal names)."""
-    if not _TOKEN.match(value):
-        raise UnsafeValueError(f"invalid {what} {value!r} for the remote agent")
-    return value
 
 
 def remote_connection_file(kernel_id: str) -> str:
@@ -169,53 +159,6 @@ while :; do
 done
 """
 
-AGENT = r"""# nersc_provisioner agent: one per SSH connection, on a PTY session
-stty -echo 2>/dev/null
-base=$HOME/.nersc_provisioner/kernels; every=$1; watched=""
-verify() {  # verify PID START ID: the process is that kernel, not a reused PID
-  # Builtins only (no cut/tr/grep): an interrupt waits for this answer.
-  local stat arg; local -a fields args
-  { read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 1
-  # Fields after "(comm)" start at field 3, so the start time (field 22) is [19].
-  read -r -a fields <<< "${stat##*) }"
-  [ "${fields[19]}" = "$2" ] || return 1
-  { mapfile -d '' -t args < "/proc/$1/cmdline"; } 2>/dev/null || return 1
-  for arg in "${args[@]}"; do
-    case $arg in *"$base/$3/connection.json"*) return 0 ;; esac
-  done
-  return 1
-}
-renew() { for k in $watched; do [ -d "$base/$k" ] && : > "$base/$k/lease"; done; }
-unwatchdog() {  # end kernel $1's watchdog (its whole session), verified by its command line
-  w=$(cat "$base/$1/watchdog" 2>/dev/null) || return 0
-  tr '\0' ' ' < "/proc/$w/cmdline" 2>/dev/null | grep -qF -- "npr-watchdog $base/$1 " &&
-    kill -- "-$w" 2>/dev/null
-  return 0
-}
-echo "NPR 0 ready $(hostname)"
-renewed=$SECONDS
-while :; do
-  # Renew every $every seconds whether requests keep coming or not.
-  if [ $((SECONDS - renewed)) -ge "$every" ]; then renew; renewed=$SECONDS; fi
-  IFS=' ' read -r -t "$every" cmd seq a b c d
-  status=$?
-  if [ "$status" -gt 128 ]; then continue; fi  # timed out: renew at the top
-  if [ "$status" -ne 0 ]; then exit 0; fi  # our side went away
-  case $cmd in
-    watch) watched="$watched $a"; renew; echo "NPR $seq ok" ;;
-    unwatch) watched=$(printf '%s\n' $watched | grep -vx -- "$a" | tr '\n' ' ')
-      echo "NPR $seq ok" ;;
-    alive) if verify "$a" "$b" "$c"; then echo "NPR $seq alive"; else echo "NPR $seq dead"; fi ;;
-    signal) if verify "$b" "$c" "$d"; then
-        kill -s "$a" -- "-$b" 2>/dev/null || kill -s "$a" "$b"; echo "NPR $seq ok"
-      else echo "NPR $seq gone"; fi ;;
-    cleanup) unwatchdog "$a"; rm -rf -- "$base/$a"; echo "NPR $seq ok" ;;
-    renew) renew; echo "NPR $seq ok" ;;
-    *) echo "NPR $seq error unknown command" ;;
-  esac
-done
-"""
-
 # Shell functions shared by `ps` and `kill`: the kernel of directory $1 is the
 # process whose command line names $1/connection.json (PID file or not).
 FIND_KERNEL = r"""kernel_of() {  # "PID START" of the kernel of directory $d, or "0 0"
@@ -244,11 +187,6 @@ for d in "$base"/*; do
 done
 """
 )
-
-
-def agent_command(renew_every: int) -> str:
-    """The agent's exec command line (it carries no secret)."""
-    return join(["bash", "--noprofile", "--norc", "-c", AGENT, "npr-agent", str(int(renew_every))])
 
 
 def kernel_log_tail_script(kernel_id: str, lines: int = 10) -> str:

@@ -17,18 +17,19 @@ the tail of srun's stderr.
 
 from __future__ import annotations
 
-from ..shell import join, quote
-from ..slurm.commands import step_argv
-from .remote import check_token
+from collections.abc import Sequence
+
+from ..shell import check_token, join, quote
 
 #: Where step files live on the node, as a shell expression.
 STEP_BASE = '"$HOME/.nersc_provisioner/steps"'
 
 
-def build_step_script(launch_script: str, *, job_id: str, node: str, kernel_id: str) -> str:
-    """The script to feed to ``bash --noprofile --norc -s`` on the job's node."""
+def build_step_script(launch_script: str, *, srun_argv: Sequence[str], kernel_id: str) -> str:
+    """The script to feed to ``bash --noprofile --norc -s`` on the job's node, which
+    runs ``launch_script`` as the step ``srun_argv`` (``slurm.commands.step_argv``)."""
     kid = check_token(kernel_id, "kernel id")
-    srun = join(step_argv(job_id, node, kid))
+    srun = join(srun_argv)
     return "\n".join(
         [
             "umask 077",

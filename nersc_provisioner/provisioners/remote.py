@@ -53,6 +53,7 @@ from ..slurm.allocation import (
     local_runner,
     script_runner,
 )
+from ..slurm.commands import step_argv
 from ..systems import SYSTEMS
 from ..transports.connection import ConnectionPool, SSHConnection
 from ..transports.ssh import SSHTarget, resolve_target
@@ -399,9 +400,8 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         script = build_launch_script(launch)
         job = self.kernel_job.job
         if self.in_slurm and job is not None:
-            script = build_step_script(
-                script, job_id=job.job_id, node=job.node, kernel_id=kernel_id
-            )
+            srun = step_argv(job.job_id, job.node, kernel_id)
+            script = build_step_script(script, srun_argv=srun, kernel_id=kernel_id)
             where = f"{job.node} (Slurm job {job.job_id})"
         return script, where
 

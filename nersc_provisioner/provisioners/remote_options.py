@@ -16,7 +16,7 @@ from ..launchers.remote import PORT_NAMES, RemoteLaunch, build_launch_script
 from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
 from ..shell import join
-from ..slurm.commands import holder_argv
+from ..slurm.commands import holder_argv, step_argv
 from ..systems import System
 from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
 from .argv import remote_argv
@@ -155,9 +155,8 @@ class RemoteOptions(WrapperOptions):
                 if self.login_is_local
                 else f"through the connection to {self.host}"
             )
-            step = build_step_script(
-                script, job_id=options.job_id or "0", node="NODE", kernel_id="KERNEL_ID"
-            )
+            srun = step_argv(options.job_id or "0", "NODE", "KERNEL_ID")
+            step = build_step_script(script, srun_argv=srun, kernel_id="KERNEL_ID")
             script = "\n".join(
                 [
                     first,

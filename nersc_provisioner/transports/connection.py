@@ -35,7 +35,7 @@ from ..errors import (
     SSHError,
     UnknownHostKeyError,
 )
-from ..launchers.remote import agent_command, check_token
+from .agent import agent_command, parse_reply, request_line
 from .ssh import SSHLogin, SSHTarget, connect, connect_through, exec_script
 
 log = logging.getLogger("nersc_provisioner.ssh")
@@ -163,11 +163,11 @@ class SSHConnection:
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             for raw in lines:
-                words = raw.decode(errors="replace").strip().split(" ", 2)
-                if len(words) >= 3 and words[0] == "NPR" and words[1].isdigit():
-                    future = pending.pop(int(words[1]), None)
+                reply = parse_reply(raw)
+                if reply is not None:
+                    future = pending.pop(reply[0], None)
                     if future is not None and not future.done():
-                        future.set_result(words[2])
+                        future.set_result(reply[1])
         for future in list(pending.values()):
             if not future.done():
                 future.set_exception(SSHConnectError(f"connection to {self.target.label} lost"))
@@ -247,7 +247,7 @@ class SSHConnection:
 
     def request(self, command: str, *args: str, timeout: float = 15.0) -> str:
         """Ask the agent; returns its answer ("ok", "alive", "dead", ...)."""
-        words = [check_token(command, "command"), *(check_token(a, "argument") for a in args)]
+        request_line(0, command, args)  # every word checked before anything is registered
         with self._lock:
             chan = self._agent
             if chan is None or chan.closed or not self.connected:
@@ -256,8 +256,7 @@ class SSHConnection:
             seq = self._seq
             future: Future[str] = Future()
             self._pending[seq] = future
-            line = " ".join([words[0], str(seq), *words[1:]]) + "\n"
-            chan.sendall(line.encode())
+            chan.sendall(request_line(seq, command, args))
         if command == "watch":
             self._watched.add(args[0])
         elif command == "unwatch":

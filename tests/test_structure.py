@@ -1,0 +1,117 @@
+"""The package's structure, as docs/how-it-works.md draws it: imports go one way.
+
+Layers, lowest first: the leaves (errors, shell, settings, systems), then
+transports, launchers and slurm (none imports another layer's provisioners), then
+provisioners, then the user-facing modules (kernelspec, diagnostics, cli).  Every
+import inside the package is counted, those inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "nersc_provisioner"
+
+#: Which part each module belongs to, and the parts it may import from.
+LAYERS = {
+    "base": set(),
+    "transports": {"base"},
+    "launchers": {"base"},
+    "slurm": {"base", "transports", "launchers"},
+    "provisioners": {"base", "transports", "launchers", "slurm"},
+    "front": {"base", "transports", "launchers", "slurm", "provisioners"},
+}
+BASE = {"errors", "shell", "settings", "systems"}
+FRONT = {"kernelspec", "diagnostics", "cli", "hostops", "__init__", "__main__"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    if top in BASE:
+        return "base"
+    if top in FRONT:
+        return "front"
+    return top
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """Modules of the package that ``path`` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [f"{target}.{a.name}" if target else a.name for a in node.names]
+            for name in [target, *names]:
+                if (name and (PACKAGE / (name.replace(".", "/") + ".py")).exists()) or (
+                    name and (PACKAGE / name.replace(".", "/") / "__init__.py").exists()
+                ):
+                    found.add(name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name and name.startswith("nersc_provisioner."):
+                    found.add(name.removeprefix("nersc_provisioner."))
+    found.discard(module)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {
+        module_name(path): imports_of(path, module_name(path))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    edges = graph()
+    # A package's __init__ re-exports its modules: an edge from a module to its own
+    # package's __init__ would be a cycle by construction, and there is none.
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, path: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle.extend([*path, node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, [*path, node]):
+                return True
+        state[node] = 2
+        return False
+
+    for start in sorted(edges):
+        if state.get(start) is None and visit(start, []):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_imports_go_one_way_between_layers() -> None:
+    wrong = [
+        f"{module} ({layer(module)}) imports {target} ({layer(target)})"
+        for module, targets in graph().items()
+        for target in targets
+        if layer(target) != layer(module) and layer(target) not in LAYERS[layer(module)]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_graph_is_not_empty() -> None:
+    """The checks above see the real imports (so they can fail)."""
+    edges = graph()
+    assert "provisioners.tunnel" in edges["provisioners.remote"]
+    assert "transports.forwarding" in edges["provisioners.tunnel"]
+    assert "provisioners.remote" in edges["provisioners.local"]  # nersc-local with slurm
