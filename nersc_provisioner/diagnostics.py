@@ -30,6 +30,7 @@ from .errors import NERSCProvisionerError, SSHConnectError, tail
 from .kernelspec import get_kernel_spec, provisioner_class
 from .launchers.remote import build_probe_script
 from .provisioners.argv import local_python, spec_argv
+from .provisioners.hosts import node_target, slurm_runner
 from .provisioners.local import NERSCLocalProvisioner
 from .provisioners.remote import NERSCRemoteProvisioner
 from .provisioners.workers import SSH_EXECUTOR, in_thread
@@ -241,7 +242,7 @@ class Checker:
     def _slurm_runner(self) -> Runner:
         """Slurm commands: here (nersc-local), or on the login node over the check's login."""
         if self.login_is_local:
-            return self._remote()._slurm_runner(None)
+            return slurm_runner(None)
         transport = self._transport()
 
         def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
@@ -286,14 +287,13 @@ class Checker:
         if self.login_is_local:
             # As the kernel reaches it: directly from here, with identity_file, known_hosts
             # and ssh_config (plus the system's known_hosts).
-            target = await in_thread(remote._node_target, self.node_addr)
+            target = await in_thread(node_target, remote, self.node_addr, None)
             self.node_login = await in_thread(connect, target)
             how = f"directly from here; keys: {', '.join(target.identity_files) or 'default'}"
         else:
             # The login node's user, keys and known_hosts (plus the system's), through the
             # login connection.
-            remote._login_target = self._target()
-            target = remote._node_target(self.node_addr)
+            target = node_target(remote, self.node_addr, self._target())
             if self.login is None:
                 raise SSHConnectError("not connected to the login node")
             via = self.login.client

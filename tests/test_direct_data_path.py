@@ -101,7 +101,7 @@ async def test_direct_lifecycle_listens_on_the_host_and_works_while_ssh_is_down(
 
         # sshd is stopped (its master and both halves of our session): SSH is down,
         # and stays down while the cell runs, which it does, with the variable kept.
-        conn = km.provisioner._conn  # type: ignore[union-attr]
+        conn = km.provisioner.connection  # type: ignore[union-attr]
         before = conn.reconnects
         stop_sshd(rig)
         assert await wait_until(lambda: not conn.connected, 10)

@@ -80,7 +80,7 @@ async def test_connection_reset_in_the_middle_of_20_mb_of_output(
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 received += len(msg["content"]["text"])
         assert received >= 2_000_000
-        conn = km.provisioner._conn  # type: ignore[union-attr]
+        conn = km.provisioner.connection  # type: ignore[union-attr]
         before = conn.reconnects
         assert kill_sshd_sessions(rig.sshd_pidfile) >= 2
         started = time.monotonic()

@@ -174,7 +174,7 @@ async def test_drop_and_recovery_keeps_the_kernel(
 ) -> None:
     km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
-    conn = km.provisioner._conn  # type: ignore[union-attr]
+    conn = km.provisioner.connection  # type: ignore[union-attr]
     before = conn.reconnects
     try:
         await run_cell(kc, "kept = 'still here'")
@@ -477,7 +477,7 @@ async def test_restarted_sshd_is_survived(
     kc = await ready_client(km)
     try:
         await run_cell(kc, "kept = 41 + 1")
-        conn = km.provisioner._conn  # type: ignore[union-attr]
+        conn = km.provisioner.connection  # type: ignore[union-attr]
         before = conn.reconnects
         stop_sshd(rig)
         await asyncio.sleep(2)  # the host is unreachable for a while

@@ -22,11 +22,9 @@ import contextlib
 import functools
 import re
 import signal
-import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -35,7 +33,6 @@ from traitlets import default
 
 from ..errors import (
     ConfigError,
-    LaunchError,
     LaunchTimeout,
     SSHConnectError,
 )
@@ -48,26 +45,19 @@ from ..launchers.remote import (
     kill_script,
 )
 from ..launchers.step import build_step_script
-from ..slurm.allocation import (
-    Runner,
-    local_runner,
-    script_runner,
-)
 from ..slurm.commands import step_argv
 from ..systems import SYSTEMS
-from ..transports.connection import ConnectionPool, SSHConnection
-from ..transports.ssh import SSHTarget, resolve_target
+from ..transports.connection import SSHConnection
+from .direct import bind_address, unreachable_error, wait_reachable
 from .encryption import UNENCRYPTED_WARNING, announced_mechanism, curve_refusal, provide_curve_keys
+from .hosts import HostConnections, slurm_runner
 from .kernel_job import KernelJob, SlurmJob
 from .remote_options import RemoteOptions
 from .tunnel import Tunnel
-from .workers import SSH_EXECUTOR, in_thread
+from .workers import in_thread
 
 #: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
 _HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
-
-#: Where compute nodes' host keys are, besides the user's known_hosts.
-SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 
 @dataclass
@@ -93,12 +83,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     remote: RemoteKernel | None = None
     _stopping = False
-    #: The connection to where the kernel runs: the login node, or the job's node.
-    _conn: SSHConnection | None = None
-    _target: SSHTarget | None = None
-    #: The connection to the login node (the same as ``_conn`` without Slurm).
-    _login: SSHConnection | None = None
-    _login_target: SSHTarget | None = None
+    _hosts: HostConnections | None = None
     _tunnel: Tunnel | None = None
     #: data_path direct: the kernel's ports, asked for again at a restart so that
     #: the clients' connections stay valid.
@@ -114,38 +99,29 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     # --- launch -----------------------------------------------------------------
 
-    async def _login_connection(self) -> SSHConnection:
-        if self._login is None:
-            self._login_target = await in_thread(self.target)
-            self._login = ConnectionPool.get(self._login_target)
-        conn = self._login
-        try:
-            await in_thread(conn.open)
-        except BaseException:
-            await self._release_connections()
-            raise
-        return conn
+    @property
+    def hosts(self) -> HostConnections:
+        """The SSH connections this kernel uses (login node, job node)."""
+        if self._hosts is None:
+            self._hosts = HostConnections(self)
+        return self._hosts
+
+    @property
+    def connection(self) -> SSHConnection | None:
+        """The connection to where the kernel runs, once there is one."""
+        return self.hosts.conn
+
+    @property
+    def _conn(self) -> SSHConnection | None:
+        return self.hosts.conn
 
     async def _connection(self) -> SSHConnection:
         """The connection to where the kernel runs (in Slurm mode, after the allocation)."""
         if not self.in_slurm:
-            login = await self._login_connection()
-            self._conn, self._target = login, self._login_target
-            return login
-        via = None if self.login_is_local else await self._login_connection()
+            return await self.hosts.use_login()
+        via = None if self.login_is_local else await self.hosts.open_login()
         job = await self._ensure_allocation(via)
-        target = await in_thread(self._node_target, job.node_addr)
-        if self._conn is not None and self._target != target:
-            await self._release_node_connection()
-        if self._conn is None:
-            self._conn, self._target = ConnectionPool.get(target, via=via), target
-        conn = self._conn
-        try:
-            await in_thread(conn.open)
-        except BaseException:
-            await self._release_node_connection()
-            raise
-        return conn
+        return await self.hosts.use_node(job.node_addr, via)
 
     def _kernel_encrypts(self, conn: SSHConnection, report: LaunchReport, address: str) -> bool:
         """Whether the kernel's shell socket announces CurveZMQ in its ZMTP greeting.
@@ -159,81 +135,11 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     def _direct_address(self) -> str:
         """data_path direct: the IPv4 address the kernel binds and Jupyter connects to."""
+        node_addr = None
         if self.in_slurm:
             job = self.kernel_job.job
-            host = job.node_addr if job is not None else ""
-        else:
-            conn, target = self._conn, self._target
-            if conn is None or target is None:
-                raise SSHConnectError("no connection to the kernel's host")
-            if target.jumps or target.proxy_command:
-                raise ConfigError(
-                    f"data_path 'direct': {target.label} is reached through "
-                    f"{'ProxyJump' if target.jumps else 'ProxyCommand'}, so this machine "
-                    "cannot connect to the kernel's ports directly",
-                    hint="set data_path to tunnel",
-                )
-            host = conn.target.address or target.hostname
-        try:
-            found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConfigError(
-                f"data_path 'direct': cannot resolve {host!r} to an IPv4 address: {exc}",
-                hint="set data_path to tunnel",
-            ) from None
-        return str(found[0][4][0])
-
-    def _node_target(self, address: str) -> SSHTarget:
-        """A job's node, as the login node's user and keys reach it (from the login node)."""
-        if self.login_is_local:
-            # From this machine, as ssh would reach it (~/.ssh/config, default keys).
-            target = resolve_target(
-                address,
-                user=self.user,
-                identity_file=self.identity_file,
-                ssh_config=self.ssh_config or None,
-                known_hosts=self.known_hosts,
-            )
-            known = tuple(dict.fromkeys((*target.known_hosts, SYSTEM_KNOWN_HOSTS)))
-            return replace(target, known_hosts=known)
-        login = self._login_target
-        if login is None:
-            raise SSHConnectError("the login node connection is not open")
-        known = tuple(dict.fromkeys((*login.known_hosts, SYSTEM_KNOWN_HOSTS)))
-        return SSHTarget(
-            alias=address,
-            hostname=address,
-            port=22,
-            user=login.user,
-            identity_files=login.identity_files,
-            known_hosts=known,
-        )
-
-    async def _release_node_connection(self) -> None:
-        conn, target = self._conn, self._target
-        self._conn = self._target = None
-        if conn is not None and target is not None and conn is not self._login:
-            await in_thread(ConnectionPool.put, target, conn)
-
-    async def _release_connections(self) -> None:
-        """Give back both connections; the last user closes one (blocking: in a thread)."""
-        await self._release_node_connection()
-        login, target = self._login, self._login_target
-        self._login = None
-        if login is not None and target is not None:
-            await in_thread(ConnectionPool.put, target, login)
-
-    # --- Slurm ------------------------------------------------------------------
-
-    def _slurm_runner(self, login: SSHConnection | None) -> Runner:
-        """How Slurm commands run: here, or on the login node over its connection."""
-        if login is None:
-            return local_runner
-
-        def run(script: str, timeout: float) -> tuple[int | None, list[str]]:
-            return login.run_script(script, timeout=timeout)
-
-        return script_runner(run)
+            node_addr = job.node_addr if job is not None else ""
+        return bind_address(self.hosts.conn, self.hosts.target, node_addr)
 
     @property
     def kernel_job(self) -> KernelJob:
@@ -251,7 +157,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         """A running allocation for the kernel: the one we hold, or a new one (with a wait)."""
         return await self.kernel_job.ensure(
             self.slurm_options(),
-            self._slurm_runner(login),
+            slurm_runner(login),
             self.queue_timeout,
             release_after=self._release_after,
             after_failure=self._let_shutdown_finish,
@@ -272,18 +178,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     def _release_after(self, work: Future[Any]) -> None:
         """Give the connections back once ``work`` (a thread using them) has ended."""
-        node, node_target = self._conn, self._target
-        login, login_target = self._login, self._login_target
-        self._conn = self._target = self._login = None
-        self._close_listeners()
-
-        def release(_: Future[Any]) -> None:
-            if node is not None and node_target is not None and node is not login:
-                ConnectionPool.put(node_target, node)
-            if login is not None and login_target is not None:
-                ConnectionPool.put(login_target, login)
-
-        work.add_done_callback(lambda done: SSH_EXECUTOR.submit(release, done))
+        self.hosts.release_after(work, then=self._close_listeners)
 
     @property
     def tunnel(self) -> Tunnel:
@@ -338,7 +233,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         except BaseException:
             self._close_listeners()
             await self.kernel_job.end()
-            await self._release_connections()
+            await self.hosts.release()
             raise
         kwargs.pop("env", None)  # the local environment is not sent to the remote host
         kwargs.pop("extra_arguments", None)
@@ -450,29 +345,14 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             conn.request, "alive", str(report.pid), report.start_time, kernel_id
         )
         try:
-            await in_thread(_wait_reachable, bind_ip, port, alive, self.launch_timeout)
+            await in_thread(wait_reachable, bind_ip, port, alive, self.launch_timeout)
         except (OSError, SSHConnectError, TimeoutError) as exc:
             tail = await self._kernel_log_tail(conn, kernel_id)
             await self._abandon(kernel_id)
-            if isinstance(exc, ConnectionRefusedError):  # it ended before binding
-                raise LaunchError(
-                    f"the kernel on {where} ended before it listened on {bind_ip}:{port}",
-                    hint="see its output below; at a restart, another process may have "
-                    "taken one of its ports",
-                    command=cmd,
-                    stderr=tail,
-                ) from None
-            raise LaunchError(
-                f"the kernel on {where} listens on {bind_ip}, but this machine cannot "
-                f"reach {bind_ip}:{port}: {exc}",
-                hint="data_path 'direct' needs that address reachable from here (inside "
-                "the site's network); use data_path tunnel",
-                command=cmd,
-                stderr=tail,
-            ) from None
+            raise unreachable_error(exc, where, bind_ip, port, cmd, tail) from None
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        conn, target = self._conn, self._target
+        conn, target = self.hosts.conn, self.hosts.target
         if conn is None or target is None:
             raise SSHConnectError("launch_kernel called before pre_launch")
         kernel_id = str(self.kernel_id)
@@ -682,7 +562,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             self._direct_ports = None
             if self.in_slurm:
                 await self.kernel_job.end()
-            await self._release_connections()
+            await self.hosts.release()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 10.0)
@@ -709,10 +589,8 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         self.remote = RemoteKernel(**remote)
         slurm_job = provisioner_info.get("slurm_job")
         if slurm_job:
-            login = None if self.login_is_local else await self._login_connection()
-            self.kernel_job.attach(
-                SlurmJob(**slurm_job), self.slurm_options(), self._slurm_runner(login)
-            )
+            login = None if self.login_is_local else await self.hosts.open_login()
+            self.kernel_job.attach(SlurmJob(**slurm_job), self.slurm_options(), slurm_runner(login))
         conn = await self._connection()
         self.remote.seen_reconnects = conn.reconnects
         connection: dict[str, Any] = dict(self.connection_info)
@@ -726,29 +604,6 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             connection.update(self.tunnel.endpoints())
         self.connection_info = connection  # type: ignore[assignment]
         await in_thread(conn.request, "watch", self.remote.kernel_id)
-
-
-def _wait_reachable(address: str, port: int, alive: Callable[[], str], timeout: float) -> None:
-    """Connect to ``address:port`` (the kernel's shell port), retrying while it is
-    refused and the kernel is alive.  Blocking.
-
-    Raises ConnectionRefusedError once the kernel has died, TimeoutError when the
-    time is up, and any other OSError (unreachable, filtered) at once.
-    """
-    deadline = time.monotonic() + timeout
-    next_check = time.monotonic() + 0.5
-    while True:
-        try:
-            with socket.create_connection((address, port), timeout=min(5.0, timeout)):
-                return
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address}:{port} still refused after {timeout:g} s") from None
-            if time.monotonic() > next_check:
-                if alive() != "alive":
-                    raise
-                next_check = time.monotonic() + 0.5
-            time.sleep(0.02)
 
 
 class NERSCLoginNodeSlurm(NERSCRemoteProvisioner):
