@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from ..errors import ConfigError, LaunchError
+from ..launchers.remote import LaunchReport
 from ..transports.connection import SSHConnection
 from ..transports.zmtp import read_mechanism
 
@@ -68,6 +69,19 @@ def announced_mechanism(conn: SSHConnection, address: str, port: int, *, direct:
         return read_mechanism(chan)
     finally:
         chan.close()
+
+
+def kernel_encrypts(
+    conn: SSHConnection, report: LaunchReport, address: str, direct: bool, log: Any
+) -> bool:
+    """Whether the kernel's shell socket announces CurveZMQ in its ZMTP greeting.
+    Without an answer, the launch script's reading of the file decides.  Blocking."""
+    port = report.ports.get("shell_port", 0)
+    mechanism = announced_mechanism(conn, address, port, direct=direct)
+    if not mechanism:
+        log.debug("no ZMTP greeting from the kernel on %s:%s", address, port)
+        return bool(report.curve)
+    return mechanism == "CURVE"
 
 
 def curve_refusal(where: str, command: Sequence[str], *, direct: bool) -> LaunchError:

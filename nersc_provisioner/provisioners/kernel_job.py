@@ -14,6 +14,7 @@ new allocation (never for the user's own ``job_id``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,21 @@ def _allocate(alloc: SlurmAllocation, queue_timeout: float) -> tuple[str, str]:
         if alloc.owned:
             alloc.cancel(force=True)
         raise
+
+
+async def let_shutdown_finish(manager: Any) -> None:
+    """A shutdown_kernel() overlapping a start that waited in the queue: end the start
+    after it.
+
+    jupyter_client's start and shutdown share the manager's ``ready`` future; the
+    one that ends last finds it set.  Ending after the shutdown lets the shutdown
+    call succeed (the abandoned start then ends in jupyter_client's
+    InvalidStateError, with our error as its context).
+    """
+    ready = getattr(manager, "ready", None)
+    if isinstance(ready, asyncio.Future) and not ready.done():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(ready), 10)
 
 
 class KernelJob:

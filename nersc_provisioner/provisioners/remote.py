@@ -18,13 +18,12 @@ required, and Jupyter connects to it; SSH still launches, watches and signals it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import re
 import signal
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -32,7 +31,6 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import default
 
 from ..errors import (
-    ConfigError,
     LaunchTimeout,
     SSHConnectError,
 )
@@ -40,38 +38,29 @@ from ..launchers.remote import (
     PORT_NAMES,
     LaunchReport,
     RemoteLaunch,
-    build_launch_script,
-    kernel_log_tail_script,
-    kill_script,
 )
-from ..launchers.step import build_step_script
-from ..slurm.commands import step_argv
 from ..systems import SYSTEMS
 from ..transports.connection import SSHConnection
 from .direct import bind_address, unreachable_error, wait_reachable
-from .encryption import UNENCRYPTED_WARNING, announced_mechanism, curve_refusal, provide_curve_keys
+from .encryption import UNENCRYPTED_WARNING, curve_refusal, kernel_encrypts, provide_curve_keys
 from .hosts import HostConnections, slurm_runner
-from .kernel_job import KernelJob, SlurmJob
+from .kernel_job import KernelJob, SlurmJob, let_shutdown_finish
 from .remote_options import RemoteOptions
+from .remote_session import (
+    RemoteKernel,
+    RemoteSession,
+    abandon,
+    forget,
+    launch_connection,
+    launch_script,
+    log_tail,
+    run_launch,
+)
 from .tunnel import Tunnel
 from .workers import in_thread
 
 #: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
 _HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
-
-
-@dataclass
-class RemoteKernel:
-    """The kernel process on the remote host, as the launch script reported it."""
-
-    kernel_id: str
-    pid: int
-    start_time: str
-    node: str
-    ports: dict[str, int]
-    reported_gone: bool = False
-    reported_down: bool = False
-    seen_reconnects: int = 0
 
 
 class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -111,27 +100,19 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         """The connection to where the kernel runs, once there is one."""
         return self.hosts.conn
 
-    @property
-    def _conn(self) -> SSHConnection | None:
-        return self.hosts.conn
-
     async def _connection(self) -> SSHConnection:
         """The connection to where the kernel runs (in Slurm mode, after the allocation)."""
         if not self.in_slurm:
             return await self.hosts.use_login()
         via = None if self.login_is_local else await self.hosts.open_login()
-        job = await self._ensure_allocation(via)
+        job = await self.kernel_job.ensure(
+            self.slurm_options(),
+            slurm_runner(via),
+            self.queue_timeout,
+            release_after=self._release_after,
+            after_failure=functools.partial(let_shutdown_finish, self.parent),
+        )
         return await self.hosts.use_node(job.node_addr, via)
-
-    def _kernel_encrypts(self, conn: SSHConnection, report: LaunchReport, address: str) -> bool:
-        """Whether the kernel's shell socket announces CurveZMQ in its ZMTP greeting.
-        Without an answer, the launch script's reading of the file decides.  Blocking."""
-        port = report.ports.get("shell_port", 0)
-        mechanism = announced_mechanism(conn, address, port, direct=self.direct)
-        if not mechanism:
-            self.log.debug("%s: no ZMTP greeting from the kernel", self.provisioner_name)
-            return bool(report.curve)
-        return mechanism == "CURVE"
 
     def _direct_address(self) -> str:
         """data_path direct: the IPv4 address the kernel binds and Jupyter connects to."""
@@ -153,29 +134,6 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         """The running job's id and node, once there is one."""
         return self.kernel_job.job
 
-    async def _ensure_allocation(self, login: SSHConnection | None) -> SlurmJob:
-        """A running allocation for the kernel: the one we hold, or a new one (with a wait)."""
-        return await self.kernel_job.ensure(
-            self.slurm_options(),
-            slurm_runner(login),
-            self.queue_timeout,
-            release_after=self._release_after,
-            after_failure=self._let_shutdown_finish,
-        )
-
-    async def _let_shutdown_finish(self) -> None:
-        """A shutdown_kernel() overlapping this start: end the start after it.
-
-        jupyter_client's start and shutdown share the manager's ``ready`` future; the
-        one that ends last finds it set.  Ending after the shutdown lets the shutdown
-        call succeed (the abandoned start then ends in jupyter_client's
-        InvalidStateError, with our error as its context).
-        """
-        ready = getattr(self.parent, "ready", None)
-        if isinstance(ready, asyncio.Future) and not ready.done():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(ready), 10)
-
     def _release_after(self, work: Future[Any]) -> None:
         """Give the connections back once ``work`` (a thread using them) has ended."""
         self.hosts.release_after(work, then=self._close_listeners)
@@ -189,7 +147,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     def _route(self) -> tuple[SSHConnection | None, dict[str, int] | None, bool]:
         remote = self.remote
-        return self._conn, (remote.ports if remote is not None else None), self._stopping
+        return self.hosts.conn, (remote.ports if remote is not None else None), self._stopping
 
     def _connection_file(self) -> str:
         return str(getattr(self.parent, "connection_file", "") or "")
@@ -200,14 +158,10 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
-        if self.direct and self.transport_encryption == "disabled":
-            raise ConfigError(
-                "data_path 'direct' puts the kernel's ports on the network, so it needs "
-                "CurveZMQ, but transport_encryption is 'disabled'",
-                hint="set transport_encryption to auto or required, or data_path to tunnel",
-            )
+        self.check_direct_encryption()
         if km is not None:
-            self._provide_curve_keys(km)
+            policy = "required" if self.direct else self.transport_encryption
+            provide_curve_keys(km, policy, name=self.provisioner_name, log=self.log)
             if km.curve_publickey is None and not self.direct:
                 self.tunnel.plain = True  # no 127.0.0.1 ports for plain traffic
         # The local ports exist before any wait (a Slurm queue), so that the kernel
@@ -240,10 +194,6 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         kwargs["cmd"] = self.kernel_argv()
         return kwargs
 
-    def _provide_curve_keys(self, km: Any) -> None:
-        policy = "required" if self.direct else self.transport_encryption
-        provide_curve_keys(km, policy, name=self.provisioner_name, log=self.log)
-
     def _drop_curve_keys(self) -> None:
         """The kernel does not encrypt: stop the clients from expecting it."""
         km = self.parent
@@ -258,47 +208,25 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
 
-    def _launch_connection(self, bind_ip: str) -> dict[str, Any]:
-        """The connection file the remote kernel gets: ports 0 (it binds its own), or at
-        a direct restart the ports it had, so the clients' connections stay valid."""
-        key = self.connection_info.get("key", b"")
-        ports = dict.fromkeys(PORT_NAMES, 0)
-        if self.direct:
-            ports = dict(self._direct_ports or ports)
-        return {
-            **ports,
-            "ip": bind_ip,
-            "transport": "tcp",
-            "signature_scheme": self.connection_info.get("signature_scheme", "hmac-sha256"),
-            "key": key.decode() if isinstance(key, bytes) else str(key),
-            "kernel_name": self.kernel_spec.name if self.kernel_spec is not None else "",
-            **{
-                name: str(self.connection_info[name])
-                for name in ("curve_publickey", "curve_secretkey")
-                if self.connection_info.get(name)
-            },
-        }
-
-    def _launch_script(
-        self, cmd: list[str], connection: dict[str, Any], where: str
-    ) -> tuple[str, str]:
-        """The script that starts the kernel, and where it runs (for messages)."""
-        kernel_id = str(self.kernel_id)
+    def _launch_script(self, cmd: list[str], bind_ip: str, where: str) -> tuple[str, str, bool]:
+        """The launch script, where it runs, and whether the kernel is given CurveZMQ keys."""
+        connection = launch_connection(
+            self.connection_info,
+            self.kernel_spec.name if self.kernel_spec is not None else "",
+            bind_ip,
+            self._direct_ports if self.direct else None,
+        )
         launch = RemoteLaunch(
-            kernel_id=kernel_id,
+            kernel_id=str(self.kernel_id),
             argv=tuple(cmd),
             connection=connection,
             setup=self.remote_setup(),
             lease_timeout=self.lease_timeout,
             foreground=self.in_slurm,
         )
-        script = build_launch_script(launch)
-        job = self.kernel_job.job
-        if self.in_slurm and job is not None:
-            srun = step_argv(job.job_id, job.node, kernel_id)
-            script = build_step_script(script, srun_argv=srun, kernel_id=kernel_id)
-            where = f"{job.node} (Slurm job {job.job_id})"
-        return script, where
+        job = self.kernel_job.job if self.in_slurm else None
+        script, where = launch_script(launch, job, where)
+        return script, where, "curve_secretkey" in connection
 
     async def _run_launch(
         self, conn: SSHConnection, script: str, where: str, cmd: list[str]
@@ -306,18 +234,8 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         """Run the launch script until the kernel reports its ports; abandon it on failure."""
         kernel_id = str(self.kernel_id)
         report = LaunchReport()
-        deadline = time.monotonic() + self.launch_timeout
-
-        def feed(line: str) -> bool:
-            report.feed(line)  # after NPR_DIED the tail of the kernel's log follows: read it
-            if not report.done and time.monotonic() > deadline:
-                raise TimeoutError
-            return report.done
-
         try:
-            await in_thread(
-                lambda: conn.run_script(script, timeout=self.launch_timeout, on_line=feed)
-            )
+            await in_thread(run_launch, conn, script, self.launch_timeout, report)
         except TimeoutError:
             await self._abandon(kernel_id)
             raise LaunchTimeout(
@@ -347,7 +265,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         try:
             await in_thread(wait_reachable, bind_ip, port, alive, self.launch_timeout)
         except (OSError, SSHConnectError, TimeoutError) as exc:
-            tail = await self._kernel_log_tail(conn, kernel_id)
+            tail = await log_tail(conn, kernel_id)
             await self._abandon(kernel_id)
             raise unreachable_error(exc, where, bind_ip, port, cmd, tail) from None
 
@@ -357,14 +275,14 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             raise SSHConnectError("launch_kernel called before pre_launch")
         kernel_id = str(self.kernel_id)
         bind_ip = self._bind_ip if self.direct else "127.0.0.1"
-        connection = self._launch_connection(bind_ip)
-        script, where = self._launch_script(cmd, connection, target.label)
+        script, where, curve = self._launch_script(cmd, bind_ip, target.label)
         started = time.monotonic()
         report = await self._run_launch(conn, script, where, cmd)
         if self.direct:
             await self._wait_direct_reachable(conn, report, bind_ip, where, cmd)
-        curve = "curve_secretkey" in connection
-        if curve and not await in_thread(self._kernel_encrypts, conn, report, bind_ip):
+        if curve and not await in_thread(
+            kernel_encrypts, conn, report, bind_ip, self.direct, self.log
+        ):
             if self.direct or self.transport_encryption == "required":
                 await self._abandon(kernel_id)
                 raise curve_refusal(where, cmd, direct=self.direct)
@@ -399,12 +317,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
 
     async def _abandon(self, kernel_id: str) -> None:
         """After a failed start: no remote directory, no tunnel, no connection left."""
-        conn = self._conn
-        if conn is not None and conn.connected:
-            try:
-                await in_thread(lambda: conn.run_script(kill_script([kernel_id]), timeout=20))
-            except Exception as exc:  # report, but keep the original error
-                self.log.warning("could not clean up kernel %s: %s", kernel_id, exc)
+        await abandon(self.hosts.conn, kernel_id, self.log)
         self.remote = None
         await self.cleanup(restart=False)
         cleanup_connection_file = getattr(self.parent, "cleanup_connection_file", None)
@@ -414,84 +327,34 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
     # --- lifecycle --------------------------------------------------------------
 
     async def poll(self) -> int | None:
-        remote, conn = self.remote, self._conn
+        remote, conn = self.remote, self.hosts.conn
         if self.kernel_job.queued and remote is None:
             return 1 if self.kernel_job.stop_requested() else None
         if remote is None or conn is None:
             return 0
-        if conn.fatal is not None:
-            if not remote.reported_gone:
-                remote.reported_gone = True
-                self.log.error("kernel %s is lost: %s", remote.kernel_id, conn.fatal)
+        session = RemoteSession(conn, remote, self.log)
+        if session.lost():
             return 1
-        if conn.reconnects != remote.seen_reconnects:
-            remote.seen_reconnects = conn.reconnects
-            self.log.info(
-                "kernel %s: connection to %s re-established", remote.kernel_id, conn.target.label
-            )
+        session.note_reconnect()
         if not conn.connected:
             if self.in_slurm and await self.kernel_job.report_end(remote.kernel_id):
                 return 1  # the node went with the job: no reconnect to wait for
-            down_for = time.monotonic() - (conn.down_since or time.monotonic())
-            if down_for < self.reconnect_grace:
-                if not remote.reported_down:
-                    remote.reported_down = True
-                    self.log.warning(
-                        "kernel %s: connection to %s lost; reconnecting (the kernel counts as "
-                        "alive for reconnect_grace = %.0f s)",
-                        remote.kernel_id,
-                        conn.target.label,
-                        self.reconnect_grace,
-                    )
-                return None
-            self.log.error(
-                "kernel %s: no connection to %s for %.0f s (reconnect_grace %.0f s); "
-                "reporting it dead",
-                remote.kernel_id,
-                conn.target.label,
-                down_for,
-                self.reconnect_grace,
-            )
-            return 1
-        try:
-            answer = await in_thread(
-                conn.request, "alive", str(remote.pid), remote.start_time, remote.kernel_id
-            )
-        except (SSHConnectError, TimeoutError):
-            return None  # the connection is being re-established
-        remote.reported_down = False
-        if answer == "alive":
-            return None
+            return session.while_disconnected(self.reconnect_grace)
+        if await session.alive() is not False:
+            return None  # alive, or the connection is being re-established
         if not remote.reported_gone:
             remote.reported_gone = True
-            if (
-                self.in_slurm
-                and not self._stopping
-                and await self.kernel_job.report_end(remote.kernel_id)
-            ):
-                return 1
-            if self._stopping:  # expected during a shutdown or restart
-                self.log.debug("kernel %s (pid %d) is gone", remote.kernel_id, remote.pid)
-                return 1
-            last = await self._kernel_log_tail(conn, remote.kernel_id)
-            self.log.warning(
-                "kernel %s (pid %d on %s) is gone, not ended by us (killed, crashed or exited)%s",
-                remote.kernel_id,
-                remote.pid,
-                remote.node,
-                f"; the end of its output:\n{last}" if last else "; it printed nothing at the end",
-            )
+            await self._report_gone(session)
         return 1
 
-    async def _kernel_log_tail(self, conn: SSHConnection, kernel_id: str) -> str:
-        """The last lines the kernel printed (its log is kept until cleanup), or ""."""
-        try:
-            _, lines = await in_thread(
-                lambda: conn.run_script(kernel_log_tail_script(kernel_id), timeout=10)
-            )
-        except Exception:  # a diagnostic only
-            return ""
-        return "\n".join(lines[-10:])
+    async def _report_gone(self, session: RemoteSession) -> None:
+        kernel_id = session.remote.kernel_id
+        if self.in_slurm and not self._stopping and await self.kernel_job.report_end(kernel_id):
+            return  # its job ended (said so)
+        if self._stopping:  # expected during a shutdown or restart
+            self.log.debug("kernel %s (pid %d) is gone", kernel_id, session.remote.pid)
+            return
+        await session.report_gone()
 
     async def wait(self) -> int | None:
         while True:
@@ -501,7 +364,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             await asyncio.sleep(0.05)
 
     async def send_signal(self, signum: int) -> None:
-        remote, conn = self.remote, self._conn
+        remote, conn = self.remote, self.hosts.conn
         name = signal.Signals(signum).name.removeprefix("SIG")
         alloc = self.kernel_job.allocation
         if remote is None and self.kernel_job.queued and alloc is not None:
@@ -521,16 +384,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             return
         if signum in (signal.SIGTERM, signal.SIGKILL):
             self._stopping = True
-        try:
-            answer = await in_thread(
-                conn.request, "signal", name, str(remote.pid), remote.start_time, remote.kernel_id
-            )
-        except (SSHConnectError, TimeoutError) as exc:
-            # Shutdown and restart go on to cleanup; the watchdog ends a kernel we lost.
-            self.log.warning("could not send %s to kernel %s: %s", name, remote.kernel_id, exc)
-            return
-        if answer != "ok":
-            self.log.info("signal %s: kernel %s is already gone", name, remote.kernel_id)
+        await RemoteSession(conn, remote, self.log).signal(name)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         self._stopping = True
@@ -544,14 +398,7 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         await self.send_signal(signal.SIGKILL)
 
     async def cleanup(self, restart: bool = False) -> None:
-        conn = self._conn
-        kernel_id = str(self.kernel_id) if self.kernel_id else ""
-        if conn is not None and kernel_id and conn.connected:
-            try:
-                await in_thread(conn.request, "unwatch", kernel_id)
-                await in_thread(conn.request, "cleanup", kernel_id)
-            except Exception as exc:
-                self.log.warning("cleanup of kernel %s on the remote host: %s", kernel_id, exc)
+        await forget(self.hosts.conn, str(self.kernel_id) if self.kernel_id else "", self.log)
         self.remote = None
         if not restart:
             # Shut down while the job waits in the queue: the waiting start

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, default, validate
 
+from ..errors import ConfigError
 from ..launchers.remote import PORT_NAMES, RemoteLaunch, build_launch_script
 from ..launchers.step import build_step_script
 from ..launchers.wrapper import EnvironmentSetup
@@ -91,6 +92,15 @@ class RemoteOptions(WrapperOptions):
         if value < 15:
             raise TraitError(f"lease_timeout must be at least 15 seconds, not {value}")
         return value
+
+    def check_direct_encryption(self) -> None:
+        """data_path direct needs CurveZMQ: refuse ``transport_encryption: disabled``."""
+        if self.direct and self.transport_encryption == "disabled":
+            raise ConfigError(
+                "data_path 'direct' puts the kernel's ports on the network, so it needs "
+                "CurveZMQ, but transport_encryption is 'disabled'",
+                hint="set transport_encryption to auto or required, or data_path to tunnel",
+            )
 
     def _spec(self) -> Any:
         """The kernel spec (a trait of the provisioner this is mixed into)."""
