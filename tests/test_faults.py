@@ -36,7 +36,15 @@ from tests.kernels import (
     shutdown_quietly,
     wait_until,
 )
-from tests.rig import SSHRig, kill_sshd_sessions, remote_config, require_ssh
+from tests.rig import (
+    SSHRig,
+    kill_sshd_sessions,
+    remote_config,
+    require_jump,
+    require_ssh,
+    start_sshd,
+    stop_sshd,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -257,3 +265,67 @@ async def test_killed_jupyter_side_leaves_nothing_that_ps_shows(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+#: Where sshd was: a listener that accepts TCP connections and never says a word.
+MUTE_LISTENER = """
+import socket, sys
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+sock.listen(64)
+print("listening", flush=True)
+held = []
+while True:
+    held.append(sock.accept()[0])
+"""
+
+
+async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    """The host's connection drops and its sshd is replaced by a listener that accepts
+    TCP and never speaks: the reconnect hangs in its login.  A new kernel asked of that
+    host fails within its launch_timeout, naming the host and the reconnect; a kernel
+    on another host (the rig's jump host) starts meanwhile."""
+    jump = require_jump()
+    km = await start_kernel(config, provisioner="nersc-cori")
+    conn = km.provisioner.connection  # type: ignore[union-attr]
+    stop_sshd(rig)
+    mute = subprocess.Popen(
+        ["ip", "netns", "exec", rig.netns, sys.executable, "-c", MUTE_LISTENER, rig.host,
+         str(rig.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert mute.stdout is not None
+        assert mute.stdout.readline().strip() == "listening"
+        assert await wait_until(lambda: not conn.connected, 10)
+        await asyncio.sleep(2)  # the monitor's reconnect is now inside its login, hanging
+        other = {**config, "host": jump.host, "known_hosts": [str(jump.known_hosts)]}
+        timeout = 6.0
+        started = time.monotonic()
+        hanging = asyncio.create_task(
+            start_kernel({**config, "launch_timeout": timeout}, name="hanging",
+                         provisioner="nersc-cori")
+        )  # fmt: skip
+        failed_at: list[float] = []
+        hanging.add_done_callback(lambda _: failed_at.append(time.monotonic()))
+        elsewhere = await start_kernel(other, name="elsewhere", provisioner="nersc-cori")
+        kc = await ready_client(elsewhere)
+        try:
+            result = await run_cell(kc, "import socket; print(socket.gethostname())")
+            assert result.status == "ok"
+        finally:
+            kc.stop_channels()
+        with pytest.raises(Exception, match="still reconnecting to") as info:
+            await hanging
+        elapsed = failed_at[0] - started
+        assert rig.host in str(info.value)
+        assert elapsed < timeout + 4, f"failed after {elapsed:.1f} s"
+    finally:
+        mute.kill()
+        mute.wait()
+        start_sshd(rig)
+    assert await wait_until(lambda: conn.connected, 60)  # the first kernel's host is back

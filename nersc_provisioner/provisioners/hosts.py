@@ -80,7 +80,7 @@ class HostConnections:
             self.login = ConnectionPool.get(self.login_target)
         conn = self.login
         try:
-            await in_thread(conn.open)
+            await in_thread(conn.open, self.options.launch_timeout)
         except BaseException:
             await self.release()
             raise
@@ -102,7 +102,7 @@ class HostConnections:
             self.conn, self.target = ConnectionPool.get(target, via=via), target
         conn = self.conn
         try:
-            await in_thread(conn.open)
+            await in_thread(conn.open, self.options.launch_timeout)
         except BaseException:
             await self.release_node()
             raise

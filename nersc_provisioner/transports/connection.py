@@ -74,6 +74,7 @@ class SSHConnection:
         self._watched: set[str] = set()
         self._closing = False
         self._users = 0
+        self._users_lock = threading.Lock()
         self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
         self._monitoring = False
 
@@ -82,9 +83,17 @@ class SSHConnection:
     def open(self, timeout: float = 60.0) -> None:
         """Log in (once) and start the agent.  Raises the login's error.
 
-        While the monitor is reconnecting, wait for it rather than log in twice.
+        While the monitor is reconnecting, wait for it rather than log in twice, but
+        never past ``timeout``: a reconnect that hangs (a host that accepts TCP and
+        never speaks) holds the lock for its login, and a new kernel's start must
+        still fail within its own time.
         """
-        with self._lock:
+        deadline = time.monotonic() + timeout
+        if self.fatal is not None:
+            raise self.fatal
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            raise self._still_reconnecting(timeout)
+        try:
             if self.fatal is not None:
                 raise self.fatal
             if not self._monitoring:
@@ -94,17 +103,21 @@ class SSHConnection:
                     target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
                 ).start()
                 return
-        deadline = time.monotonic() + timeout
+        finally:
+            self._lock.release()
         while not self.connected:
             if self.fatal is not None:
                 raise self.fatal
             if time.monotonic() > deadline:
-                raise SSHConnectError(
-                    f"still reconnecting to {self.target.label} after {timeout:.0f} s",
-                    hint="check the network and the host; the kernel is kept until "
-                    "reconnect_grace runs out",
-                )
+                raise self._still_reconnecting(timeout)
             time.sleep(0.1)
+
+    def _still_reconnecting(self, timeout: float) -> SSHConnectError:
+        return SSHConnectError(
+            f"still reconnecting to {self.target.label} after {timeout:.0f} s",
+            hint="check the network and the host; the kernel is kept until "
+            "reconnect_grace runs out",
+        )
 
     def _login(self) -> None:
         if self.via is not None:
@@ -315,11 +328,13 @@ class SSHConnection:
     # --- sharing --------------------------------------------------------------------
 
     def acquire(self) -> None:
-        with self._lock:
+        # Its own lock: ``_lock`` is held through a login (network I/O, which may
+        # hang), and the pool counts users while other callers wait on it.
+        with self._users_lock:
             self._users += 1
 
     def release(self) -> int:
-        with self._lock:
+        with self._users_lock:
             self._users -= 1
             return self._users
 
