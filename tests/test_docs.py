@@ -1,0 +1,50 @@
+"""The docs cite tests as the proof of their claims: every cited test exists."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: ``test_name``, or ``test_file.py::test_name`` (a parametrized id after [ is dropped).
+CITED = re.compile(r"\b(?:(test_[a-z0-9_]+)\.py::)?(test_[a-z0-9_]+)\b")
+
+
+def defined_tests() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        names = {
+            node.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("test_")
+        }
+        found[path.stem] = names
+    return found
+
+
+def test_every_test_cited_in_the_docs_exists() -> None:
+    tests = defined_tests()
+    every = set().union(*tests.values())
+    missing = []
+    for doc in sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]):
+        for number, line in enumerate(doc.read_text().splitlines(), start=1):
+            for module, name in CITED.findall(line):
+                if module and module not in tests:
+                    missing.append(f"{doc.name}:{number}: no tests/{module}.py")
+                elif name in tests:  # a file named without .py (test_zmtp.py is matched above)
+                    continue
+                elif name not in (tests[module] if module else every):
+                    missing.append(f"{doc.name}:{number}: {module or '*'}::{name}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_check_sees_citations() -> None:
+    """So that it can fail: a known citation is found and resolves."""
+    security = (ROOT / "docs" / "security.md").read_text()
+    cited = {name for _, name in CITED.findall(security)}
+    assert "test_intruder_reads_nothing_and_runs_nothing" in cited
+    assert "test_intruder_reads_nothing_and_runs_nothing" in defined_tests()["test_local_security"]
