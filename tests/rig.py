@@ -67,6 +67,8 @@ class SSHRig:
     """Path of a Python with ipykernel on the remote hosts; "" if rig.json predates it."""
     intruder: str = ""
     """Another unprivileged user of the same hosts, for the attack tests."""
+    ipykernel6_python: str = ""
+    """A Python with ipykernel 6 (no CurveZMQ), on every rig host and here; "" if older."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def _ssh(d: dict[str, Any]) -> SSHRig:
         sshd_config=Path(d["sshd_config"]),
         remote_python=str(d.get("remote_python", "")),
         intruder=str(d.get("intruder", "")),
+        ipykernel6_python=str(d.get("ipykernel6_python", "")),
     )
 
 

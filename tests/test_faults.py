@@ -327,5 +327,7 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
     finally:
         mute.kill()
         mute.wait()
+        if mute.stdout is not None:
+            mute.stdout.close()
         start_sshd(rig)
     assert await wait_until(lambda: conn.connected, 60)  # the first kernel's host is back

@@ -350,3 +350,82 @@ def test_demo_prints_no_encryption_warning() -> None:
     assert "without encryption" not in output
     assert "== the kernel's sockets: 127.0.0.1 ports" in output
     assert "with CurveZMQ encryption" in output
+
+
+# --- a real ipykernel 6 (no CurveZMQ support), from the rig's second venv ---------------
+
+
+@pytest.fixture
+def ipykernel6(rig: SSHRig) -> str:
+    if not rig.ipykernel6_python:
+        pytest.fail("rig.json has no ssh.ipykernel6_python; run scripts/test-rig up")
+    return rig.ipykernel6_python
+
+
+VERSION = "import ipykernel; print(ipykernel.__version__)"
+
+
+async def test_real_ipykernel6_runs_on_private_ipc_sockets(
+    start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str
+) -> None:
+    """ipykernel 6 (with the jupyter_client 8.10 pip installs next to it) exits when
+    its connection file holds CurveZMQ keys: it is started again on IPC sockets in a
+    0700 directory, out of reach."""
+    argv = [ipykernel6, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    # required accepts private IPC sockets, so it refuses this kernel only where IPC
+    # fails too: here, behind a gate that exits when asked for IPC.
+    with pytest.raises(LaunchError, match="neither with CurveZMQ") as info:
+        await start_kernel(
+            {"transport_encryption": "required"},
+            argv=[ipykernel6, "-c", NO_IPC_WRAPPER, "-f", "{connection_file}"],
+            name="refused",
+        )
+    assert "given the keys it exited with code 1" in str(info.value)
+    assert "on IPC sockets it exited with code 3" in str(info.value)
+    km = await start_kernel({}, argv=argv)
+    assert km.transport == "ipc"
+    assert km.curve_publickey is None
+    assert stat.S_IMODE(os.stat(os.path.dirname(km.ip)).st_mode) == 0o700
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, VERSION)
+        assert result.stdout.strip().startswith("6.")
+        assert await attack(rig, km, kc) == NOTHING
+    finally:
+        kc.stop_channels()
+
+
+#: ipykernel 6 behind a gate that exits when asked for IPC (as IJulia was reported to).
+NO_IPC_WRAPPER = (
+    "import json, sys; f = sys.argv[sys.argv.index('-f') + 1]; "
+    "sys.exit(3) if json.load(open(f))['transport'] == 'ipc' else None; "
+    "from ipykernel import kernelapp; kernelapp.launch_new_instance()"
+)
+
+
+async def test_real_ipykernel6_on_a_remote_host(
+    start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ipykernel 6 next to jupyter_client 8.10 (what pip installs with it) dies at startup
+    when its connection file holds CurveZMQ keys.  Under required that is the error,
+    its traceback quoted; under auto the kernel is started again without keys, with a
+    warning, and the tunnel's listeners on this host are Unix sockets in a 0700
+    directory."""
+    config = {**remote_config(rig), "remote_python": ipykernel6}
+    with pytest.raises(LaunchError, match="exited during startup") as info:
+        await start_kernel(
+            {**config, "transport_encryption": "required"}, name="refused", provisioner="nersc-cori"
+        )
+    assert "curve_publickey" in str(info.value)  # the kernel's own traceback, quoted
+    km = await start_kernel(config, provisioner="nersc-cori")
+    assert km.transport == "ipc"
+    assert km.curve_publickey is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("exited at startup when given CurveZMQ keys" in w for w in warnings), warnings
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, VERSION)
+        assert result.stdout.strip().startswith("6.")
+        assert await attack(rig, km, kc) == NOTHING
+    finally:
+        kc.stop_channels()

@@ -28,6 +28,13 @@ UNENCRYPTED_WARNING = (
     "transport_encryption to required to refuse this."
 )
 
+DIED_WITH_KEYS_WARNING = (
+    "%s: kernel %s on %s exited at startup when given CurveZMQ keys (an ipykernel "
+    "without CurveZMQ next to a jupyter_client 8.9 or later does); starting it again "
+    "without encryption (transport_encryption auto). Upgrade ipykernel there to 7.3 or "
+    "later, or set transport_encryption to required to refuse this."
+)
+
 
 def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger | Any) -> None:
     """Give the manager a CurveZMQ server key pair (kept across restarts), per ``policy``

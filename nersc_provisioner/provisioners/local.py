@@ -31,6 +31,7 @@ from ..transports.local_sockets import (
 from .argv import DEFAULT_KERNEL_ARGV, as_jupyter_client_runs_it, local_argv, spec_argv
 from .local_sockets import (
     UNPROTECTED_WARNING,
+    WHERE,
     KernelExited,
     Protection,
     SocketsReady,
@@ -285,9 +286,10 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         process, connection_file = self.process, str(getattr(self.parent, "connection_file", ""))
         try:
             ready = await wait_for_sockets(process, connection_file, info, self.launch_timeout)
-        except KernelExited as exc:
-            if protection is Protection.IPC:  # a kernel that cannot run on IPC sockets
-                reasons.append(f"on IPC sockets it exited with code {exc.exit_code}")
+        except KernelExited as exc:  # no IPC, or a crash on the keys: try the next way
+            if protection is Protection.IPC or protection is not self._attempts[-1]:
+                how = "on IPC sockets" if protection is Protection.IPC else "given the keys"
+                reasons.append(f"{how} it exited with code {exc.exit_code}")
                 return None
             await self._abandon_launch()
             raise KernelCommandError(
@@ -330,16 +332,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         if protection is not Protection.IPC:
             self._tcp_ports = dict(ready.ports)
         self.connection_info = km.get_connection_info()
-        self.log.info(
-            "nersc-local: kernel %s listens on %s (%s)",
-            self.kernel_id,
-            "IPC sockets in a private directory" if protection is Protection.IPC else "127.0.0.1",
-            {
-                Protection.CURVE: "CurveZMQ",
-                Protection.IPC: "mode 0700",
-                Protection.PLAIN: "unencrypted",
-            }[protection],
-        )
+        self.log.info("nersc-local: kernel %s listens on %s", self.kernel_id, WHERE[protection])
 
     async def _end_attempt(self) -> None:
         """Stop a kernel started one way, before it is started the next way."""
@@ -348,6 +341,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             self._session_id = None
         if self.process is not None:
             await asyncio.to_thread(self.process.wait)
+            self._close_pipes()
             self.process = None
 
     async def _start_process(self, cmd: list[str], **kwargs: Any) -> None:
@@ -403,11 +397,16 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         if process is None:
             return 0
         code = await wait_for_exit(process)
-        for stream in (process.stdin, process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        self._close_pipes()
         self.process = None
         return code
+
+    def _close_pipes(self) -> None:
+        process = self.process
+        if process is not None:
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
 
     async def _exit_code_of_failed_wrapper(self) -> int | None:
         process = self.process
@@ -425,6 +424,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             self._session_id = None
         if self.process is not None:
             await asyncio.to_thread(self.process.wait)
+            self._close_pipes()
             self.process = None
         await self.cleanup(restart=False)
         cleanup_connection_file = getattr(self.parent, "cleanup_connection_file", None)

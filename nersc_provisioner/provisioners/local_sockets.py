@@ -3,7 +3,8 @@
 Three ways, tried in order until one works (``transport_encryption``):
 
 * ``CURVE``: TCP on 127.0.0.1, CurveZMQ with a server key only the connection
-  file (mode 0600) holds; the kernel binds ports of its own choosing (ports 0 in
+  file (mode 0600) holds (a kernel that exits given the keys, as ipykernel 6 next to
+  jupyter_client 8.9+ does, goes on to IPC); the kernel binds ports of its own choosing (ports 0 in
   the file, written back by ipykernel), so no other process can take them
   between our choice and its bind.  The kernel's own ZMTP greeting decides
   whether it really encrypts, not its connection file.
@@ -43,6 +44,14 @@ class Protection(enum.Enum):
     CURVE = "curve"
     IPC = "ipc"
     PLAIN = "plain"
+
+
+#: Where a kernel protected so listens, for the log.
+WHERE = {
+    Protection.CURVE: "127.0.0.1 (CurveZMQ)",
+    Protection.IPC: "IPC sockets in a private directory (mode 0700)",
+    Protection.PLAIN: "127.0.0.1 (unencrypted)",
+}
 
 
 def writes_back_ports(argv: Sequence[str], metadata: Mapping[str, Any]) -> bool:

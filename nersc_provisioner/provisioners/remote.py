@@ -42,7 +42,13 @@ from ..launchers.remote import (
 from ..systems import SYSTEMS
 from ..transports.connection import SSHConnection
 from .direct import bind_address, unreachable_error, wait_reachable
-from .encryption import UNENCRYPTED_WARNING, curve_refusal, kernel_encrypts, provide_curve_keys
+from .encryption import (
+    DIED_WITH_KEYS_WARNING,
+    UNENCRYPTED_WARNING,
+    curve_refusal,
+    kernel_encrypts,
+    provide_curve_keys,
+)
 from .hosts import HostConnections, slurm_runner
 from .kernel_job import KernelJob, SlurmJob, let_shutdown_finish
 from .remote_options import RemoteOptions
@@ -229,9 +235,11 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         return script, where, "curve_secretkey" in connection
 
     async def _run_launch(
-        self, conn: SSHConnection, script: str, where: str, cmd: list[str]
-    ) -> LaunchReport:
-        """Run the launch script until the kernel reports its ports; abandon it on failure."""
+        self, conn: SSHConnection, script: str, where: str, cmd: list[str], *, retry: bool = False
+    ) -> LaunchReport | None:
+        """Run the launch script until the kernel reports its ports; abandon it on failure.
+        With ``retry``, a kernel that died at startup is only removed (None): the caller
+        starts it again without CurveZMQ keys."""
         kernel_id = str(self.kernel_id)
         report = LaunchReport()
         try:
@@ -248,6 +256,9 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
             await self._abandon(kernel_id)
             raise
         if not report.done:
+            if retry and report.ready and report.died_code is not None:
+                await abandon(conn, kernel_id, self.log)
+                return None
             await self._abandon(kernel_id)
             raise report.error(where, cmd)
         return report
@@ -277,7 +288,14 @@ class NERSCRemoteProvisioner(RemoteOptions, KernelProvisionerBase):  # type: ign
         bind_ip = self._bind_ip if self.direct else "127.0.0.1"
         script, where, curve = self._launch_script(cmd, bind_ip, target.label)
         started = time.monotonic()
-        report = await self._run_launch(conn, script, where, cmd)
+        auto = curve and not self.direct and self.transport_encryption == "auto"
+        report = await self._run_launch(conn, script, where, cmd, retry=auto)
+        if report is None:  # it died given the keys (ipykernel 6 with jupyter_client 8.9+)
+            self.log.warning(DIED_WITH_KEYS_WARNING, self.provisioner_name, kernel_id, where)
+            self._drop_curve_keys()
+            script, where, curve = self._launch_script(cmd, bind_ip, target.label)
+            report = await self._run_launch(conn, script, where, cmd)
+            assert report is not None  # noqa: S101 - without retry it returns or raises
         if self.direct:
             await self._wait_direct_reachable(conn, report, bind_ip, where, cmd)
         if curve and not await in_thread(
