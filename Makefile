@@ -29,6 +29,7 @@ bench-smoke: venv
 	$(BIN)/python benchmarks/bench.py --smoke
 	$(BIN)/python benchmarks/soak.py --kernels 2 --minutes 0.25 --drop-every 5
 	$(BIN)/python benchmarks/datapath.py --repeats 1 --round-trips 5
+	$(BIN)/python benchmarks/port_race.py --kernels 3 --runs 1
 
 # One remote kernel reached four ways (our tunnel, OpenSSH -L, direct with and without CurveZMQ).
 datapath: venv
@@ -50,7 +51,7 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
-	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py
+	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py benchmarks/port_race.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import started, write_spec
 
-ROWS = {
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "local-provisioner": ("local-provisioner", {}),
     "nersc-local": ("nersc-local", {}),
 }
