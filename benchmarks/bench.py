@@ -241,7 +241,7 @@ async def drop_recovery(name: str, repeats: int, direct: bool = False) -> dict[s
     samples, tries_total, kept = [], 0, 0
     try:
         await kc.execute_interactive("kept = 'kept'", timeout=30)
-        conn = km.provisioner._conn  # type: ignore[union-attr]
+        conn = km.provisioner.connection  # type: ignore[union-attr]
         for _ in range(repeats):
             before = conn.reconnects
             kill_sshd_sessions()

@@ -101,7 +101,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             while time.monotonic() < stop:
                 await asyncio.sleep(min(60, max(0.0, stop - time.monotonic())))
                 minute += 1
-                conn = managers[0].provisioner._conn  # type: ignore[union-attr]
+                conn = managers[0].provisioner.connection  # type: ignore[union-attr]
                 sample = {
                     "minute": minute,
                     **footprint(),
