@@ -21,7 +21,8 @@ from nersc_provisioner.provisioners.kernel_job import JobPhase, SlurmJob
 from nersc_provisioner.provisioners.remote import NERSCCoriProvisioner
 from nersc_provisioner.provisioners.remote_session import RemoteKernel
 from nersc_provisioner.provisioners.tunnel import IOPUB_HEAD_START, IOPUB_WAIT, Tunnel
-from nersc_provisioner.slurm.allocation import JobStatus
+from nersc_provisioner.slurm.allocation import AllocationError, JobStatus, local_runner
+from nersc_provisioner.slurm.commands import SlurmOptions
 from nersc_provisioner.slurm.states import JobState
 from nersc_provisioner.transports.forwarding import RETRY
 
@@ -298,3 +299,47 @@ def test_channels_are_held_while_reconnecting_and_refused_without_a_kernel() -> 
     assert stopping.open_channel("shell_port") == "channel-4000"  # no wait when stopping
     gone = Tunnel(lambda: (conn, None, False))  # type: ignore[arg-type,return-value]
     assert gone.open_channel("shell_port") is None
+
+
+# --- the Slurm job: a restart in a job that has ended (replace once) --------------------
+
+
+def ended_job(prov: NERSCCoriProvisioner) -> FakeAllocation:
+    return job_of(prov, JobState.TIMEOUT)
+
+
+async def ensure(prov: NERSCCoriProvisioner, options: SlurmOptions) -> SlurmJob:
+    async def nothing() -> None:
+        return None
+
+    return await prov.kernel_job.ensure(
+        options, local_runner, 10.0, release_after=lambda _: None, after_failure=nothing
+    )
+
+
+async def test_a_restart_in_a_running_job_reuses_it() -> None:
+    prov = provisioner(slurm=True)
+    alloc = job_of(prov, JobState.RUNNING)
+    job = await ensure(prov, SlurmOptions.from_config({"time": "10"}))
+    assert job.job_id == "4242"
+    assert prov.kernel_job.allocation is alloc  # no new job, no queue wait
+    assert prov.kernel_job.phase is JobPhase.RUNNING
+
+
+async def test_a_second_ended_job_is_not_replaced() -> None:
+    prov = provisioner(slurm=True)
+    ended_job(prov)
+    prov.kernel_job.replaced_after = "4141 (TIMEOUT)"  # one replacement was had already
+    with pytest.raises(AllocationError, match="already requested once") as info:
+        await ensure(prov, SlurmOptions.from_config({"time": "10"}))
+    assert "4242 (TIMEOUT)" in str(info.value)
+    assert prov.kernel_job.phase is JobPhase.ENDED
+    assert prov.kernel_job.allocation is None
+
+
+async def test_the_users_own_ended_job_is_never_replaced() -> None:
+    prov = provisioner(slurm=True)
+    ended_job(prov)
+    with pytest.raises(AllocationError, match="your Slurm job 4242 \\(TIMEOUT\\) has ended"):
+        await ensure(prov, SlurmOptions.from_config({"job_id": "4242"}))
+    assert prov.kernel_job.replaced_after == ""  # nothing was asked for
