@@ -75,6 +75,8 @@ class SSHConnection:
         self._closing = False
         self._users = 0
         self._users_lock = threading.Lock()
+        #: Notified when the connection comes up, fails for good, or is closed.
+        self._changed = threading.Condition(threading.Lock())
         self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
         self._monitoring = False
 
@@ -105,12 +107,20 @@ class SSHConnection:
                 return
         finally:
             self._lock.release()
-        while not self.connected:
-            if self.fatal is not None:
-                raise self.fatal
-            if time.monotonic() > deadline:
-                raise self._still_reconnecting(timeout)
-            time.sleep(0.1)
+        # Woken by the reconnect itself (or its giving up, or close()): no polling.
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self.connected or self.fatal is not None or self._closing,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+        if self.fatal is not None:
+            raise self.fatal
+        if not self.connected:
+            raise self._still_reconnecting(timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def _still_reconnecting(self, timeout: float) -> SSHConnectError:
         return SSHConnectError(
@@ -147,6 +157,7 @@ class SSHConnection:
         self.login = login
         self._start_agent(transport)
         self.down_since = None
+        self._notify()
 
     def _start_agent(self, transport: paramiko.Transport) -> None:
         chan = transport.open_session()
@@ -209,6 +220,7 @@ class SSHConnection:
                         self._login()
                 except _FATAL as exc:
                     self.fatal = exc
+                    self._notify()
                     log.error("not reconnecting to %s: %s", self.target.label, exc)
                     return
                 except Exception as exc:
@@ -227,6 +239,7 @@ class SSHConnection:
         login, self.login = self.login, None
         if login is not None:
             login.close()
+        self._notify()
 
     @property
     def connected(self) -> bool:
