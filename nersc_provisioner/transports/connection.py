@@ -274,6 +274,8 @@ class SSHConnection:
     def request(self, command: str, *args: str, timeout: float = 15.0) -> str:
         """Ask the agent; returns its answer ("ok", "alive", "dead", ...)."""
         request_line(0, command, args)  # every word checked before anything is registered
+        if not self.connected:  # at once, not after a hanging reconnect's login (its lock)
+            raise SSHConnectError(f"not connected to {self.target.label}")
         with self._lock:
             chan = self._agent
             if chan is None or chan.closed or not self.connected:
