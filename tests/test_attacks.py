@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import KernelFactory
+from tests.intruder import EXECUTOR, SUBSCRIBER, print_markers
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
 from tests.rig import SSHRig, remote_config, require_ssh
 
@@ -154,38 +155,6 @@ async def test_intruder_finds_no_secret_in_proc(
         kc.stop_channels()
 
 
-SUBSCRIBER = """
-import sys, time, zmq
-port, marker = int(sys.argv[1]), sys.argv[2].encode()
-ctx = zmq.Context()
-sock = ctx.socket(zmq.SUB)
-sock.setsockopt(zmq.SUBSCRIBE, b"")
-if sys.argv[3] == "guess-curve":  # a client key pair and a made-up server key
-    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-    sock.curve_serverkey = zmq.curve_keypair()[0]
-sock.connect(f"tcp://127.0.0.1:{port}")
-messages = seen = 0
-deadline = time.monotonic() + 4
-while time.monotonic() < deadline:
-    if sock.poll(200):
-        frames = sock.recv_multipart()
-        messages += 1
-        seen += any(marker in frame for frame in frames)
-print("MESSAGES", messages, "MARKER", seen)
-"""
-
-
-async def print_markers(kc: Any, marker: str) -> None:
-    code = (
-        "import threading, time\n"
-        "def _talk():\n"
-        "    for _ in range(60):\n"
-        f"        print({marker!r}, flush=True); time.sleep(0.1)\n"
-        "threading.Thread(target=_talk, daemon=True).start()\n"
-    )
-    await run_cell(kc, code)
-
-
 @pytest.mark.parametrize(
     ("encryption", "mode", "leaks"),
     [
@@ -207,7 +176,9 @@ async def test_intruder_subscribing_to_iopub_reads_nothing(
         port = km.provisioner.remote.ports["iopub_port"]
         marker = f"MARKER-{uuid.uuid4().hex[:8]}"
         listener = asyncio.create_task(
-            asyncio.to_thread(intruder_python, rig, SUBSCRIBER, str(port), marker, mode)
+            asyncio.to_thread(
+                intruder_python, rig, SUBSCRIBER, f"tcp://127.0.0.1:{port}", marker, mode
+            )
         )
         await asyncio.sleep(0.5)
         await print_markers(kc, marker)
@@ -222,26 +193,6 @@ async def test_intruder_subscribing_to_iopub_reads_nothing(
             assert seen == 0
     finally:
         kc.stop_channels()
-
-
-EXECUTOR = """
-import hashlib, hmac, json, sys, time, uuid, zmq
-port, canary, key = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
-ctx = zmq.Context()
-sock = ctx.socket(zmq.DEALER)
-sock.connect(f"tcp://127.0.0.1:{port}")
-header = {"msg_id": uuid.uuid4().hex, "session": uuid.uuid4().hex, "username": "x",
-          "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z"}
-content = {"code": f"open({canary!r}, 'w').write('ran')", "silent": False,
-           "store_history": False, "user_expressions": {}, "allow_stdin": False}
-parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
-sig = hmac.new(key, digestmod=hashlib.sha256)
-for part in parts:
-    sig.update(part)
-signature = sig.hexdigest().encode() if key else b""
-sock.send_multipart([b"<IDS|MSG>", signature, *parts])
-print("REPLY", bool(sock.poll(3000)))
-"""
 
 
 @pytest.mark.parametrize(
@@ -268,7 +219,7 @@ async def test_intruder_execute_request_does_not_run(
         port = km.provisioner.remote.ports["shell_port"]
         secret = {"none": "", "guessed": uuid.uuid4().hex, "stolen": secrets_of(rig, km)[0]}[key]
         attempt = await asyncio.to_thread(
-            intruder_python, rig, EXECUTOR, str(port), str(canary), secret
+            intruder_python, rig, EXECUTOR, f"tcp://127.0.0.1:{port}", str(canary), secret
         )
         assert attempt.returncode == 0, attempt.stderr
         await asyncio.sleep(1)

@@ -278,6 +278,7 @@ print("listening", flush=True)
 held = []
 while True:
     held.append(sock.accept()[0])
+    print("accepted", flush=True)
 """
 
 
@@ -302,7 +303,9 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
         assert mute.stdout is not None
         assert mute.stdout.readline().strip() == "listening"
         assert await wait_until(lambda: not conn.connected, 10)
-        await asyncio.sleep(2)  # the monitor's reconnect is now inside its login, hanging
+        # The monitor's reconnect reached the listener: it is inside its login, hanging.
+        accepted = await asyncio.wait_for(asyncio.to_thread(mute.stdout.readline), 30)
+        assert accepted.strip() == "accepted"
         other = {**config, "host": jump.host, "known_hosts": [str(jump.known_hosts)]}
         timeout = 6.0
         started = time.monotonic()

@@ -26,6 +26,7 @@ import pytest
 
 from nersc_provisioner import LaunchError
 from tests.conftest import PYTHON_ARGV, KernelFactory
+from tests.intruder import EXECUTOR, SUBSCRIBER, print_markers
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
 from tests.rig import SSHRig, remote_config, require_lmod, require_ssh
 
@@ -57,57 +58,6 @@ def endpoint(km: Any, channel: str) -> str:
     if km.transport == "ipc":
         return f"ipc://{km.ip}-{port}"
     return f"tcp://127.0.0.1:{port}"
-
-
-SUBSCRIBER = """
-import sys, time, zmq
-url, marker, mode = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
-ctx = zmq.Context()
-sock = ctx.socket(zmq.SUB)
-sock.setsockopt(zmq.SUBSCRIBE, b"")
-if mode == "guess-curve":  # a client key pair and a made-up server key
-    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-    sock.curve_serverkey = zmq.curve_keypair()[0]
-sock.connect(url)
-messages = seen = 0
-deadline = time.monotonic() + 4
-while time.monotonic() < deadline:
-    if sock.poll(200):
-        frames = sock.recv_multipart()
-        messages += 1
-        seen += any(marker in frame for frame in frames)
-print("MESSAGES", messages, "MARKER", seen)
-"""
-
-EXECUTOR = """
-import hashlib, hmac, json, sys, time, uuid, zmq
-url, canary, key = sys.argv[1], sys.argv[2], sys.argv[3].encode()
-ctx = zmq.Context()
-sock = ctx.socket(zmq.DEALER)
-sock.connect(url)
-header = {"msg_id": uuid.uuid4().hex, "session": uuid.uuid4().hex, "username": "x",
-          "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z"}
-content = {"code": f"open({canary!r}, 'w').write('ran')", "silent": False,
-           "store_history": False, "user_expressions": {}, "allow_stdin": False}
-parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
-sig = hmac.new(key, digestmod=hashlib.sha256)
-for part in parts:
-    sig.update(part)
-signature = sig.hexdigest().encode() if key else b""
-sock.send_multipart([b"<IDS|MSG>", signature, *parts])
-print("REPLY", bool(sock.poll(3000)))
-"""
-
-
-async def print_markers(kc: Any, marker: str) -> None:
-    code = (
-        "import threading, time\n"
-        "def _talk():\n"
-        "    for _ in range(60):\n"
-        f"        print({marker!r}, flush=True); time.sleep(0.1)\n"
-        "threading.Thread(target=_talk, daemon=True).start()\n"
-    )
-    await run_cell(kc, code)
 
 
 async def outputs_read_by_intruder(rig: SSHRig, km: Any, kc: Any) -> dict[str, tuple[int, int]]:
@@ -365,6 +315,17 @@ def ipykernel6(rig: SSHRig) -> str:
 VERSION = "import ipykernel; print(ipykernel.__version__)"
 
 
+async def runs_ipykernel6_out_of_reach(rig: SSHRig, km: Any) -> None:
+    """The kernel is ipykernel 6, it answers us, and no attack gets in."""
+    kc = await ready_client(km)
+    try:
+        result = await run_cell(kc, VERSION)
+        assert result.stdout.strip().startswith("6.")
+        assert await attack(rig, km, kc) == NOTHING
+    finally:
+        kc.stop_channels()
+
+
 async def test_real_ipykernel6_runs_on_private_ipc_sockets(
     start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str
 ) -> None:
@@ -386,13 +347,7 @@ async def test_real_ipykernel6_runs_on_private_ipc_sockets(
     assert km.transport == "ipc"
     assert km.curve_publickey is None
     assert stat.S_IMODE(os.stat(os.path.dirname(km.ip)).st_mode) == 0o700
-    kc = await ready_client(km)
-    try:
-        result = await run_cell(kc, VERSION)
-        assert result.stdout.strip().startswith("6.")
-        assert await attack(rig, km, kc) == NOTHING
-    finally:
-        kc.stop_channels()
+    await runs_ipykernel6_out_of_reach(rig, km)
 
 
 #: ipykernel 6 behind a gate that exits when asked for IPC (as IJulia was reported to).
@@ -422,10 +377,4 @@ async def test_real_ipykernel6_on_a_remote_host(
     assert km.curve_publickey is None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("exited at startup when given CurveZMQ keys" in w for w in warnings), warnings
-    kc = await ready_client(km)
-    try:
-        result = await run_cell(kc, VERSION)
-        assert result.stdout.strip().startswith("6.")
-        assert await attack(rig, km, kc) == NOTHING
-    finally:
-        kc.stop_channels()
+    await runs_ipykernel6_out_of_reach(rig, km)

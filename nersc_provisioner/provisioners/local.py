@@ -27,6 +27,7 @@ from ..transports.local_sockets import (
     check_private_dir,
     make_private_dir,
     remove_private_dir,
+    write_private_json,
 )
 from .argv import DEFAULT_KERNEL_ARGV, as_jupyter_client_runs_it, local_argv, spec_argv
 from .local_sockets import (
@@ -40,7 +41,6 @@ from .local_sockets import (
     read_connection_file,
     refusal,
     wait_for_sockets,
-    write_connection_file,
     writes_back_ports,
 )
 from .options import LaunchPlan, WrapperOptions
@@ -276,7 +276,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             tcp_ports=self._tcp_ports,
             self_binding=self._self_binding,
         )
-        await asyncio.to_thread(write_connection_file, km.connection_file, info)
+        await asyncio.to_thread(write_private_json, km.connection_file, info)
         return info
 
     async def _sockets_of_attempt(
@@ -335,7 +335,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         self.log.info("nersc-local: kernel %s listens on %s", self.kernel_id, WHERE[protection])
 
     async def _end_attempt(self) -> None:
-        """Stop a kernel started one way, before it is started the next way."""
+        """Stop the kernel's process and its session (one way tried, or a failed start)."""
         if self._session_id is not None:
             await asyncio.to_thread(reap_session, self._session_id)
             self._session_id = None
@@ -419,13 +419,7 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     async def _abandon_launch(self) -> None:
         """After a failed start: leave no process, no cached ports, no connection file."""
-        if self._session_id is not None:
-            await asyncio.to_thread(reap_session, self._session_id)
-            self._session_id = None
-        if self.process is not None:
-            await asyncio.to_thread(self.process.wait)
-            self._close_pipes()
-            self.process = None
+        await self._end_attempt()
         await self.cleanup(restart=False)
         cleanup_connection_file = getattr(self.parent, "cleanup_connection_file", None)
         if cleanup_connection_file is not None:

@@ -36,7 +36,6 @@ from ..transports.local_sockets import (
     ipc_connection,
     kernel_ports,
     probe_mechanism,
-    write_private_json,
 )
 
 
@@ -119,10 +118,6 @@ def connection_for(
         info["curve_publickey"] = curve_keys[0].decode("ascii")
         info["curve_secretkey"] = curve_keys[1].decode("ascii")
     return info
-
-
-def write_connection_file(path: str, info: Mapping[str, Any]) -> None:
-    write_private_json(path, info)
 
 
 def read_connection_file(path: str) -> dict[str, Any]:
