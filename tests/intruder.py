@@ -25,7 +25,8 @@ while time.monotonic() < deadline:
         frames = sock.recv_multipart()
         messages += 1
         seen += any(marker in frame for frame in frames)
-print("MESSAGES", messages, "MARKER", seen)
+print("MESSAGES", messages, "MARKER", seen, flush=True)
+ctx.destroy(linger=0)
 """
 
 EXECUTOR = """
@@ -44,7 +45,9 @@ for part in parts:
     sig.update(part)
 signature = sig.hexdigest().encode() if key else b""
 sock.send_multipart([b"<IDS|MSG>", signature, *parts])
-print("REPLY", bool(sock.poll(3000)))
+print("REPLY", bool(sock.poll(3000)), flush=True)
+# A request that never got through (no handshake) must not hold the exit: linger 0.
+ctx.destroy(linger=0)
 """
 
 
