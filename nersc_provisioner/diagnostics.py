@@ -11,7 +11,8 @@ cancelled at the end, whatever happened; the user's own ``job_id`` never is.
 
 For ``nersc-local`` with ``slurm`` (Jupyter on the login node itself) there is
 no login: the Slurm commands run here and the node is reached by ssh from here,
-with the provisioner's own job-step half (``_in_job``) doing the resolving.
+with the settings of the provisioner's hosted kernel (``hosted.options``) doing the
+resolving.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .provisioners.argv import local_python, spec_argv
 from .provisioners.hosts import node_target, slurm_runner
 from .provisioners.local import NERSCLocalProvisioner
 from .provisioners.remote import NERSCRemoteProvisioner
+from .provisioners.remote_options import RemoteOptions
 from .provisioners.workers import SSH_EXECUTOR, in_thread
 from .shell import join, quote
 from .slurm.allocation import (
@@ -133,12 +135,11 @@ class Checker:
 
     # --- the steps ----------------------------------------------------------------
 
-    def _remote(self) -> NERSCRemoteProvisioner:
-        """The provisioner that does the ssh and Slurm work: nersc-local's job-step half."""
+    def _remote(self) -> RemoteOptions:
+        """The settings the ssh and Slurm work follows (nersc-local's: its hosted kernel's)."""
         provisioner = self.provisioner
-        if isinstance(provisioner, NERSCLocalProvisioner) and provisioner._in_job is not None:
-            in_job: NERSCRemoteProvisioner = provisioner._in_job
-            return in_job
+        if isinstance(provisioner, NERSCLocalProvisioner) and provisioner.hosted is not None:
+            return provisioner.hosted.options
         if not isinstance(provisioner, NERSCRemoteProvisioner):
             raise CheckFailed("not a remote kernel spec")
         return provisioner
@@ -152,7 +153,7 @@ class Checker:
     def in_slurm(self) -> bool:
         provisioner = self.provisioner
         if isinstance(provisioner, NERSCLocalProvisioner):
-            return provisioner._in_job is not None
+            return provisioner.hosted is not None
         return isinstance(provisioner, NERSCRemoteProvisioner) and provisioner.in_slurm
 
     def _target(self) -> SSHTarget:

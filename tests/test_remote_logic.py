@@ -95,8 +95,8 @@ def provisioner(slurm: bool = False) -> NERSCCoriProvisioner:
 
 def running(prov: NERSCCoriProvisioner, conn: FakeConnection) -> RemoteKernel:
     prov.hosts.conn = conn  # type: ignore[assignment]
-    prov.remote = RemoteKernel("k1", 1234, "5678", "node1", {"shell_port": 4000})
-    return prov.remote
+    prov.hosted.remote = RemoteKernel("k1", 1234, "5678", "node1", {"shell_port": 4000})
+    return prov.hosted.remote
 
 
 def queued(prov: NERSCCoriProvisioner) -> FakeAllocation:
@@ -195,7 +195,7 @@ async def test_poll_of_a_gone_kernel_reports_its_last_output(
 async def test_poll_of_a_kernel_we_stopped_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
     prov = provisioner()
     running(prov, FakeConnection(answers={"alive": "dead"}))
-    prov._stopping = True
+    prov.hosted.stopping = True
     assert await prov.poll() == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -264,9 +264,9 @@ async def test_a_signal_reaches_the_kernel_through_the_agent() -> None:
     running(prov, conn)
     await prov.send_signal(signal.SIGINT)
     assert conn.requests == [("signal", "INT", "1234", "5678", "k1")]
-    assert not prov._stopping
+    assert not prov.hosted.stopping
     await prov.send_signal(signal.SIGTERM)
-    assert prov._stopping
+    assert prov.hosted.stopping
 
 
 # --- the tunnel's gating after a reconnect ---------------------------------------------

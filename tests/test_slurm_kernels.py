@@ -424,7 +424,7 @@ async def test_nersc_local_on_a_login_node_runs_the_kernel_in_a_job(
     }
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     km = await start_kernel(config, argv=argv)  # provisioner: nersc-local
-    job_id = job_of(km.provisioner._in_job)  # type: ignore[union-attr]
+    job_id = job_of(km.provisioner.hosted)  # type: ignore[union-attr]
     kc = await ready_client(km)
     try:
         code = "import os; print(os.environ['SLURM_JOB_ID'], os.environ['NERSC_TEST_MODULE'])"

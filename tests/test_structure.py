@@ -112,6 +112,20 @@ def test_imports_go_one_way_between_layers() -> None:
 def test_the_graph_is_not_empty() -> None:
     """The checks above see the real imports (so they can fail)."""
     edges = graph()
-    assert "provisioners.tunnel" in edges["provisioners.remote"]
+    assert "provisioners.tunnel" in edges["provisioners.hosted_parts"]
     assert "transports.forwarding" in edges["provisioners.tunnel"]
-    assert "provisioners.remote" in edges["provisioners.local"]  # nersc-local with slurm
+    assert "provisioners.hosted" in edges["provisioners.local"]  # nersc-local with slurm
+
+
+def test_both_provisioners_compose_the_hosted_kernel_neither_proxies_to_the_other() -> None:
+    """nersc-local with slurm and nersc-cori share the hosted kernel's parts by
+    composition: neither provisioner module imports the other."""
+    edges = graph()
+    assert "provisioners.hosted" in edges["provisioners.remote"]
+    assert "provisioners.hosted" in edges["provisioners.local"]
+    assert "provisioners.remote" not in edges["provisioners.local"]
+    assert "provisioners.local" not in edges["provisioners.remote"]
+    hosted = {m for m in edges if m.startswith("provisioners.hosted")}
+    assert not {"provisioners.local", "provisioners.remote"} & set().union(
+        *(edges[m] for m in hosted)
+    )

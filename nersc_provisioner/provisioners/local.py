@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import List, Unicode
 
 from ..errors import KernelCommandError, LaunchTimeout
@@ -30,6 +32,7 @@ from ..transports.local_sockets import (
     write_private_json,
 )
 from .argv import DEFAULT_KERNEL_ARGV, as_jupyter_client_runs_it, local_argv, spec_argv
+from .hosted import HostedKernel
 from .local_sockets import (
     UNPROTECTED_WARNING,
     WHERE,
@@ -44,6 +47,7 @@ from .local_sockets import (
     writes_back_ports,
 )
 from .options import LaunchPlan, WrapperOptions
+from .remote_options import LoginNodeSlurmOptions
 
 # How long a wrapper that reported failure may take to exit before it is killed.
 _EXIT_GRACE = 5.0
@@ -73,63 +77,59 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
     ).tag(config=True)
 
     _setup: EnvironmentSetup | None = None
-    #: With ``slurm``, the kernel runs in a job step; this does the work.
-    _in_job: Any = None
+    #: With ``slurm``: the kernel runs in a job step, and these are its parts and
+    #: lifecycle (the same as a remote kernel's, with the login node being here).
+    hosted: HostedKernel | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.slurm:
-            from .remote import NERSCLoginNodeSlurm  # here: remote.py imports this module
-
             settings = {key: getattr(self, key) for key in self.config_keys()}
-            self._in_job = NERSCLoginNodeSlurm(
-                kernel_id=kwargs.get("kernel_id"),
-                kernel_spec=kwargs.get("kernel_spec"),
-                parent=kwargs.get("parent"),
-                **settings,
-            )
+            options = LoginNodeSlurmOptions(kernel_spec=kwargs.get("kernel_spec"), **settings)
+            self.hosted = HostedKernel(options, self)
 
-    # --- with slurm: everything goes to the job-step provisioner ---------------------
+    # --- with slurm: every call goes to the hosted kernel --------------------------
 
     @property
     def has_process(self) -> bool:
-        if self._in_job is not None:
-            return bool(self._in_job.has_process)
+        if self.hosted is not None:
+            return self.hosted.has_process
         return bool(super().has_process)
 
     async def poll(self) -> int | None:
-        if self._in_job is not None:
-            return await self._in_job.poll()  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.poll()
         return await super().poll()
 
     async def send_signal(self, signum: int) -> None:
-        if self._in_job is not None:
-            return await self._in_job.send_signal(signum)  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.send_signal(signum)
         return await super().send_signal(signum)
 
     async def kill(self, restart: bool = False) -> None:
-        if self._in_job is not None:
-            return await self._in_job.kill(restart)  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.send_signal(signal.SIGKILL)
         return await super().kill(restart)
 
     async def terminate(self, restart: bool = False) -> None:
-        if self._in_job is not None:
-            return await self._in_job.terminate(restart)  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.send_signal(signal.SIGTERM)
         return await super().terminate(restart)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
-        if self._in_job is not None:
-            return await self._in_job.shutdown_requested(restart)  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.shutdown_requested(restart)
         return await super().shutdown_requested(restart)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
-        if self._in_job is not None:
-            return float(self._in_job.get_shutdown_wait_time(recommended))
+        if self.hosted is not None:
+            return self.hosted.shutdown_wait_time(recommended)
         return float(super().get_shutdown_wait_time(recommended))
 
     async def get_provisioner_info(self) -> dict[str, Any]:
-        if self._in_job is not None:
-            return await self._in_job.get_provisioner_info()  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            base: dict[str, Any] = await KernelProvisionerBase.get_provisioner_info(self)
+            return self.hosted.add_info(base)
         info: dict[str, Any] = await super().get_provisioner_info()
         info["sockets"] = {
             "protection": self._protection.value if self._protection else None,
@@ -139,9 +139,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        if self._in_job is not None:
-            await self._in_job.load_provisioner_info(provisioner_info)
-            self.connection_info = self._in_job.connection_info
+        if self.hosted is not None:
+            await KernelProvisionerBase.load_provisioner_info(self, provisioner_info)
+            await self.hosted.load_info(provisioner_info)
             return
         await super().load_provisioner_info(provisioner_info)
         sockets = provisioner_info.get("sockets") or {}
@@ -174,8 +174,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     def launch_plan(self) -> LaunchPlan:
         """The wrapper and command a start would run, without running it (for ``show``)."""
-        if self._in_job is not None:
-            return self._in_job.launch_plan()  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return self.hosted.options.launch_plan()
         setup = self.environment_setup(mounts=self._mounts())
         argv = spec_argv(self.kernel_spec.argv if self.kernel_spec is not None else None)
         kernel_cmd = local_argv(argv, as_jupyter_client_runs_it(argv), setup.needed)
@@ -187,10 +187,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         )
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        if self._in_job is not None:
-            kwargs = await self._in_job.pre_launch(**kwargs)
-            self.connection_info = self._in_job.connection_info
-            return kwargs
+        if self.hosted is not None:
+            return await self.hosted.pre_launch(kwargs)
         if self.kernel_spec is not None and not self.kernel_spec.argv:
             self.kernel_spec.argv = list(DEFAULT_KERNEL_ARGV)
         km = self.parent
@@ -233,10 +231,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
         return path.resolve().as_posix() if path.exists() else None
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        if self._in_job is not None:
-            info = await self._in_job.launch_kernel(cmd, **kwargs)
-            self.connection_info = info
-            return info  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.launch_kernel(cmd)  # type: ignore[return-value]
         km = self.parent
         if km is None or not self._attempts:
             await self._start_process(cmd, **kwargs)
@@ -391,8 +387,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit: woken by the exit itself, not a 100 ms poll."""
-        if self._in_job is not None:
-            return await self._in_job.wait()  # type: ignore[no-any-return]
+        if self.hosted is not None:
+            return await self.hosted.wait()
         process = self.process
         if process is None:
             return 0
@@ -426,8 +422,8 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             cleanup_connection_file()
 
     async def cleanup(self, restart: bool = False) -> None:
-        if self._in_job is not None:
-            await self._in_job.cleanup(restart=restart)
+        if self.hosted is not None:
+            await self.hosted.cleanup(restart)
             return
         await super().cleanup(restart=restart)
         if not restart and self._socket_dir is not None:

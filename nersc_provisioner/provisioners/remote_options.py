@@ -102,7 +102,7 @@ class RemoteOptions(WrapperOptions):
                 hint="set transport_encryption to auto or required, or data_path to tunnel",
             )
 
-    def _spec(self) -> Any:
+    def spec(self) -> Any:
         """The kernel spec (a trait of the provisioner this is mixed into)."""
         return getattr(self, "kernel_spec", None)
 
@@ -128,11 +128,11 @@ class RemoteOptions(WrapperOptions):
 
     def kernel_argv(self) -> list[str]:
         """The kernel argv for the remote side: jupyter_client's python swap not applied."""
-        spec = self._spec()
+        spec = self.spec()
         return remote_argv(spec.argv if spec is not None else None, self.remote_python)
 
     def remote_setup(self) -> EnvironmentSetup:
-        spec = self._spec()
+        spec = self.spec()
         env = dict(spec.env) if spec is not None else {}
         setup = self.environment_setup(env=env)
         if self.remote_cwd:
@@ -183,3 +183,23 @@ class RemoteOptions(WrapperOptions):
             script=script,
             command=[f"ssh {self.host}", "bash", "--noprofile", "--norc", "-s"],
         )
+
+
+class LoginNodeSlurmOptions(RemoteOptions):
+    """The settings of ``nersc-local`` with ``slurm``, as its hosted kernel reads them:
+    Jupyter runs on the login node itself, so ``sbatch``/``squeue``/``scancel`` run
+    here and the job's node is reached by ssh from here."""
+
+    provisioner_name = "nersc-local"
+    login_is_local = True
+
+    def __init__(self, kernel_spec: Any = None, **kwargs: Any) -> None:
+        self._kernel_spec = kernel_spec
+        super().__init__(**kwargs)
+
+    @default("host")
+    def _default_host(self) -> str:
+        return "localhost"  # not contacted: Slurm commands run locally
+
+    def spec(self) -> Any:
+        return self._kernel_spec
