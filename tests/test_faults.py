@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from nersc_provisioner import LaunchError
+from nersc_provisioner.provisioners.remote import NERSCCoriProvisioner
+from nersc_provisioner.transports.connection import ConnectionPool, SSHConnection
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
 from tests.kernels import (
@@ -334,3 +337,92 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
             mute.stdout.close()
         start_sshd(rig)
     assert await wait_until(lambda: conn.connected, 60)  # the first kernel's host is back
+
+
+# --- a login under way when its connection is given up ------------------------------
+
+
+@contextlib.contextmanager
+def paused_sshd(rig: SSHRig) -> Iterator[None]:
+    """The rig's sshd stopped (SIGSTOP): a new TCP connection is accepted by the kernel's
+    backlog, and its login waits for a banner until the sshd is continued."""
+    pid = int(rig.sshd_pidfile.read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def tcp_to(rig: SSHRig) -> list[Any]:
+    """This process's TCP connections to the rig's sshd."""
+    return [
+        c
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and (c.raddr.ip, c.raddr.port) == (rig.host, rig.port)
+    ]
+
+
+def agents_since(rig: SSHRig, since: float) -> list[int]:
+    """The rig user's connection agents started after ``since`` (time.time())."""
+    return [
+        p.pid
+        for p in psutil.process_iter(["username", "cmdline", "create_time", "status"])
+        if p.info["username"] == rig.user
+        and p.info["create_time"] >= since
+        and p.info["status"] != psutil.STATUS_ZOMBIE
+        and "npr-agent" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+async def test_a_close_during_a_reconnect_leaves_no_login_thread_or_agent(
+    config: dict[str, Any], rig: SSHRig
+) -> None:
+    """The connection drops and its reconnect is inside its login (the sshd paused) when
+    the last kernel gives the connection up.  When the login then completes, it is
+    closed at once: no TCP connection, no monitor thread, no agent on the host."""
+    target = NERSCCoriProvisioner(**config).target()
+    conn = SSHConnection(target)
+    await asyncio.to_thread(conn.open, 30)
+    try:
+        with paused_sshd(rig):
+            since = time.time()
+            assert kill_sshd_sessions(rig.sshd_pidfile) >= 2
+            # The monitor's reconnect has its TCP connection (in the paused sshd's
+            # backlog) and waits for the banner: a login under way.
+            assert await wait_until(lambda: not conn.connected and len(tcp_to(rig)) == 1, 15)
+            conn.close()
+        # The sshd runs again: the login completes, sees the close, and ends.
+        assert await asyncio.to_thread(conn.wait_closed, 30)
+        assert tcp_to(rig) == []
+        assert not conn.connected
+        assert await wait_until(lambda: agents_since(rig, since) == [], 10)
+    finally:
+        conn.close()
+
+
+async def test_a_start_cancelled_during_its_login_leaves_nothing(
+    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+) -> None:
+    """A start cancelled while its login waits (the server stopping, a client giving up):
+    the login completes later and closes itself; no listener, no pooled connection, no
+    TCP connection, no agent, and the cancellation reaches the caller."""
+    assert ConnectionPool.count() == 0, "a connection of an earlier test is still open"
+    managers: list[Any] = []
+    with paused_sshd(rig):
+        since = time.time()
+        start = asyncio.create_task(
+            start_kernel(config, provisioner="nersc-cori", created=managers.append)
+        )
+        assert await wait_until(lambda: managers and len(tcp_to(rig)) == 1, 15)
+        prov = managers[0].provisioner
+        conn = prov.hosts.login
+        assert conn is not None
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+    assert await asyncio.to_thread(conn.wait_closed, 30)
+    assert not prov.tunnel.is_open
+    assert ConnectionPool.count() == 0
+    assert tcp_to(rig) == []
+    assert await wait_until(lambda: agents_since(rig, since) == [], 10)

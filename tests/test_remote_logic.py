@@ -7,6 +7,7 @@ The rig tests prove the real thing; these pin the logic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -21,10 +22,12 @@ from nersc_provisioner.provisioners.kernel_job import JobPhase, SlurmJob
 from nersc_provisioner.provisioners.remote import NERSCCoriProvisioner
 from nersc_provisioner.provisioners.remote_session import RemoteKernel
 from nersc_provisioner.provisioners.tunnel import IOPUB_HEAD_START, IOPUB_WAIT, Tunnel
+from nersc_provisioner.provisioners.workers import in_thread
 from nersc_provisioner.slurm.allocation import AllocationError, JobStatus, local_runner
 from nersc_provisioner.slurm.commands import SlurmOptions
 from nersc_provisioner.slurm.states import JobState
 from nersc_provisioner.transports.forwarding import RETRY
+from tests.kernels import wait_until
 
 
 @dataclass
@@ -343,3 +346,74 @@ async def test_the_users_own_ended_job_is_never_replaced() -> None:
     with pytest.raises(AllocationError, match="your Slurm job 4242 \\(TIMEOUT\\) has ended"):
         await ensure(prov, SlurmOptions.from_config({"job_id": "4242"}))
     assert prov.kernel_job.replaced_after == ""  # nothing was asked for
+
+
+# --- long waits do not occupy the workers of short requests ----------------------------
+
+
+class QueuedSlurm:
+    """A scripted Slurm: sbatch gives job ids, squeue says PENDING until ``run`` is set."""
+
+    def __init__(self) -> None:
+        self.run = threading.Event()
+        self.threads: set[str] = set()  # names of the threads that ran commands
+        self.idents: set[int] = set()
+        self.cancelled: list[str] = []
+        self._ids = iter(range(100, 10_000))
+        self._lock = threading.Lock()
+
+    def __call__(self, argv: Any, timeout: float) -> tuple[int, str, str]:
+        with self._lock:
+            self.threads.add(threading.current_thread().name)
+            self.idents.add(threading.get_ident())
+        command = list(argv)
+        if command[0] == "sbatch":
+            return 0, f"{next(self._ids)}\n", ""
+        if command[0] == "squeue":
+            state = "RUNNING|None|node1|0:01" if self.run.is_set() else "PENDING|Priority||0:00"
+            return 0, state + "\n", ""
+        if command[:3] == ["scontrol", "show", "hostnames"]:
+            return 0, "node1\n", ""
+        if command[:2] == ["scontrol", "--oneliner"]:
+            return 0, "NodeName=node1 NodeAddr=10.0.0.1 State=IDLE\n", ""
+        if command[0] == "scancel":
+            self.cancelled.append(command[1])
+            return 0, "", ""
+        return 1, "", f"unexpected command {command}"
+
+
+async def test_queue_waits_leave_the_ssh_workers_free_for_short_requests() -> None:
+    """40 kernels wait in the queue at once (more than SSH_EXECUTOR's 32 workers): a
+    short request (an agent call, a poll) is still served at once, and the waits run
+    in threads of their own."""
+    slurm = QueuedSlurm()
+    provs = [provisioner(slurm=True) for _ in range(40)]
+    options = SlurmOptions.from_config({"time": "10"})
+
+    async def nothing() -> None:
+        return None
+
+    waits = [
+        asyncio.ensure_future(
+            p.kernel_job.ensure(
+                options, slurm, 60.0, release_after=lambda _: None, after_failure=nothing
+            )
+        )
+        for p in provs
+    ]
+    try:
+        assert await wait_until(lambda: all(p.kernel_job.queued for p in provs), 10)
+        assert await wait_until(lambda: len(slurm.idents) >= 40, 10)
+        # Every worker of short requests is free: one is served without waiting for
+        # any queue (it would wait for all 40 if they held the workers).
+        assert await asyncio.wait_for(in_thread(threading.current_thread), 5) is not None
+        assert not any(name.startswith("nersc-ssh") for name in slurm.threads), slurm.threads
+        slurm.run.set()
+        jobs = await asyncio.wait_for(asyncio.gather(*waits), 30)
+        assert {job.node for job in jobs} == {"node1"}
+        assert len({job.job_id for job in jobs}) == 40
+    finally:
+        slurm.run.set()
+        for wait in waits:
+            wait.cancel()
+    assert slurm.cancelled == []

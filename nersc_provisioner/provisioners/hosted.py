@@ -42,9 +42,12 @@ class HostedKernel(HostedParts):
             await self.open_connection()
             if options.direct:
                 self.bind_ip = await in_thread(start.direct_address)
-        except asyncio.CancelledError:
-            raise  # what is still in use is given back by the thread that uses it
         except BaseException:
+            # A failure, or a cancelled start (the server stopping, a client giving
+            # up): no listener, job or connection is left.  (A start cancelled in the
+            # queue has already handed the job and the connections to the thread that
+            # cancels the job; a login under way when its connection is given back
+            # closes itself when it ends.)
             self.close_listeners()
             await self.kernel_job.end()
             await self.hosts.release()

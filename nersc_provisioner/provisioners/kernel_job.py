@@ -26,7 +26,7 @@ from ..errors import NERSCProvisionerError
 from ..slurm.allocation import AllocationError, JobStatus, Runner, SlurmAllocation
 from ..slurm.commands import SlurmOptions
 from ..slurm.states import JobState
-from .workers import SSH_EXECUTOR, in_thread
+from .workers import in_own_thread, in_thread
 
 
 @dataclass
@@ -132,7 +132,9 @@ class KernelJob:
         self.phase = JobPhase.QUEUED
         started = time.monotonic()
         # One thread submits, waits and finds the node; on any failure it cancels the job.
-        work = SSH_EXECUTOR.submit(_allocate, alloc, queue_timeout)
+        # A thread of its own: the wait may last hours, and must not hold a worker of
+        # the short requests (workers.py).
+        work = in_own_thread(_allocate, alloc, queue_timeout, name="nersc-slurm-wait")
         try:
             node, address = await asyncio.wrap_future(work)
         except asyncio.CancelledError:

@@ -67,56 +67,83 @@ class SSHConnection:
         self.reconnected_at: float | None = None
         self.down_since: float | None = None
         self.fatal: SSHError | None = None
-        self._lock = threading.RLock()
+        #: Guards the fields below; held for bookkeeping only, never across network I/O
+        #: (a login that hangs must not hold up a request, a close or another opener).
+        self._state = threading.Lock()
         self._agent: paramiko.Channel | None = None
         self._pending: dict[int, Future[str]] = {}
         self._seq = 0
         self._watched: set[str] = set()
         self._closing = False
+        self._closed = threading.Event()  # wakes the monitor's backoff at close()
+        self._logging_in = False  # a first login is under way (in some caller's thread)
+        self._monitoring = False
+        self._monitor_thread: threading.Thread | None = None
         self._users = 0
         self._users_lock = threading.Lock()
-        #: Notified when the connection comes up, fails for good, or is closed.
+        #: Notified when the connection comes up, a login ends, it fails for good, or closes.
         self._changed = threading.Condition(threading.Lock())
         self._sessions = threading.BoundedSemaphore(EXEC_SESSIONS)
-        self._monitoring = False
+        # Agent requests are single short lines; one writer at a time keeps them whole.
+        self._write = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------
 
     def open(self, timeout: float = 60.0) -> None:
         """Log in (once) and start the agent.  Raises the login's error.
 
-        While the monitor is reconnecting, wait for it rather than log in twice, but
-        never past ``timeout``: a reconnect that hangs (a host that accepts TCP and
-        never speaks) holds the lock for its login, and a new kernel's start must
-        still fail within its own time.
+        One caller logs in; the others wait for it (or for the monitor's reconnect) on
+        a condition, never past ``timeout``: a login that hangs (a host that accepts
+        TCP and never speaks) must not keep a new kernel's start past its own time.
         """
         deadline = time.monotonic() + timeout
-        if self.fatal is not None:
-            raise self.fatal
-        if not self._lock.acquire(timeout=max(0.0, timeout)):
-            raise self._still_reconnecting(timeout)
-        try:
+        while True:
             if self.fatal is not None:
                 raise self.fatal
-            if not self._monitoring:
-                self._login()
-                self._monitoring = True
-                threading.Thread(
-                    target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
-                ).start()
+            with self._state:
+                if self._closing:
+                    raise SSHConnectError(f"the connection to {self.target.label} was closed")
+                if self._monitoring and self.connected:
+                    return
+                first = not self._monitoring and not self._logging_in
+                if first:
+                    self._logging_in = True
+            if first:
+                self._first_login()
                 return
-        finally:
-            self._lock.release()
-        # Woken by the reconnect itself (or its giving up, or close()): no polling.
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self.connected or self.fatal is not None or self._closing,
-                timeout=max(0.0, deadline - time.monotonic()),
-            )
-        if self.fatal is not None:
-            raise self.fatal
-        if not self.connected:
-            raise self._still_reconnecting(timeout)
+            # Woken by the login or reconnect itself (or its end, or close()): no polling.
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: (
+                        self.connected
+                        or self.fatal is not None
+                        or self._closing
+                        or not (self._logging_in or self._monitoring)
+                    ),
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+            if self.connected and self._monitoring:
+                return
+            if time.monotonic() >= deadline:
+                raise self._still_reconnecting(timeout)
+
+    def _first_login(self) -> None:
+        try:
+            self._login()
+        except BaseException:
+            with self._state:
+                self._logging_in = False
+            self._notify()
+            raise
+        monitor = threading.Thread(
+            target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
+        )
+        with self._state:
+            self._logging_in = False
+            self._monitoring = True
+            self._monitor_thread = monitor
+        monitor.start()
+        self._notify()
 
     def _notify(self) -> None:
         with self._changed:
@@ -129,51 +156,69 @@ class SSHConnection:
             "reconnect_grace runs out",
         )
 
+    def _connect(self) -> SSHLogin:
+        if self.via is None:
+            return connect(self.target)
+        via = self.via.login
+        if via is None or not self.via.connected:
+            raise SSHConnectError(
+                f"no connection to {self.via.target.label}, through which "
+                f"{self.target.label} is reached",
+                hint="it is being re-established; try again in a moment",
+            )
+        return connect_through(self.target, via.client)
+
     def _login(self) -> None:
-        if self.via is not None:
-            via = self.via.login
-            if via is None or not self.via.connected:
-                raise SSHConnectError(
-                    f"no connection to {self.via.target.label}, through which "
-                    f"{self.target.label} is reached",
-                    hint="it is being re-established; try again in a moment",
-                )
-            login = connect_through(self.target, via.client)
-        else:
-            login = connect(self.target)
-        transport = login.client.get_transport()
-        if transport is None:  # pragma: no cover - connect() returns a live login
-            raise SSHConnectError(f"connection to {self.target.label} closed at once")
-        transport.set_keepalive(KEEPALIVE)
-        if not self.target.jumps and not self.target.proxy_command and self.via is None:
-            # Pin the address: a reconnect must reach the same login node.
-            peer = transport.getpeername()[0]
-            self.target = replace(self.target, address=peer)
-        if self.down_since is not None:
-            # Set before the new login is visible: a channel opened on it (IOPub's,
-            # say) must count as opened after the reconnect, or the provisioner's
-            # IOPub-first gate waits its full IOPUB_WAIT for nothing.
-            self.reconnected_at = time.monotonic()
-        self.login = login
-        self._start_agent(transport)
+        """Log in and start the agent, then make both visible at once, unless the
+        connection was closed meanwhile: then the new login is closed, and with it the
+        remote agent (its PTY session ends)."""
+        login = self._connect()
+        try:
+            transport = login.client.get_transport()
+            if transport is None:  # pragma: no cover - connect() returns a live login
+                raise SSHConnectError(f"connection to {self.target.label} closed at once")
+            transport.set_keepalive(KEEPALIVE)
+            chan, pending, node = self._start_agent(transport)
+        except BaseException:
+            login.close()
+            raise
+        with self._state:
+            closing = self._closing
+            if not closing:
+                if not self.target.jumps and not self.target.proxy_command and self.via is None:
+                    # Pin the address: a reconnect must reach the same login node.
+                    self.target = replace(self.target, address=transport.getpeername()[0])
+                if self.down_since is not None:
+                    # Set before the new login is visible: a channel opened on it (IOPub's,
+                    # say) must count as opened after the reconnect, or the provisioner's
+                    # IOPub-first gate waits its full IOPUB_WAIT for nothing.
+                    self.reconnected_at = time.monotonic()
+                self.login, self._agent, self._pending, self.node = login, chan, pending, node
+        if closing:
+            login.close()
+            raise SSHConnectError(f"the connection to {self.target.label} was closed")
+        for kernel_id in sorted(self._watched):
+            self.request("watch", kernel_id)
         self.down_since = None
         self._notify()
 
-    def _start_agent(self, transport: paramiko.Transport) -> None:
+    def _start_agent(
+        self, transport: paramiko.Transport
+    ) -> tuple[paramiko.Channel, dict[int, Future[str]], str]:
+        """The agent on a PTY session of ``transport``: its channel, its table of pending
+        requests, and the node it reports."""
         chan = transport.open_session()
         chan.get_pty(term="dumb", width=500, height=24)
         chan.exec_command(agent_command(RENEW_EVERY))
-        self._agent = chan
         ready: Future[str] = Future()
         # Each agent session has its own table of pending requests, so that the
         # reader of a dead session cannot fail the requests of its successor.
-        self._pending = pending = {0: ready}
+        pending = {0: ready}
         threading.Thread(
             target=self._read_agent, args=(chan, pending), name="nersc-ssh-agent", daemon=True
         ).start()
-        self.node = ready.result(timeout=30).partition(" ")[2]
-        for kernel_id in sorted(self._watched):
-            self.request("watch", kernel_id)
+        node = ready.result(timeout=30).partition(" ")[2]
+        return chan, pending, node
 
     def _read_agent(self, chan: paramiko.Channel, pending: dict[int, Future[str]]) -> None:
         buffer = b""
@@ -207,39 +252,61 @@ class SSHConnection:
                 return
             down_since = self.down_since = self.down_since or time.monotonic()
             log.warning("SSH connection to %s lost; reconnecting", self.target.label)
+            with self._state:
+                if self.login is login:
+                    self.login = self._agent = None
             if login is not None:
                 with contextlib.suppress(Exception):
                     login.close()
-            self.login = None
-            for attempt, delay in enumerate(_delays(), start=1):
+            if self._reconnect(down_since):
+                return
+
+    def _reconnect(self, down_since: float) -> bool:
+        """Log in again, with backoff; True when the monitor is to stop (closed, or a
+        fatal error: authentication and host-key errors are never retried)."""
+        for attempt, delay in enumerate(_delays(), start=1):
+            if self._closed.wait(delay):
+                return True
+            try:
+                self._login()
+            except _FATAL as exc:
+                self.fatal = exc
+                self._notify()
+                log.error("not reconnecting to %s: %s", self.target.label, exc)
+                return True
+            except Exception as exc:
                 if self._closing:
-                    return
-                time.sleep(delay)
-                try:
-                    with self._lock:
-                        self._login()
-                except _FATAL as exc:
-                    self.fatal = exc
-                    self._notify()
-                    log.error("not reconnecting to %s: %s", self.target.label, exc)
-                    return
-                except Exception as exc:
-                    log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
-                    continue
-                self.reconnects += 1
-                log.warning(
-                    "reconnected to %s after %.1f s",
-                    self.target.label,
-                    time.monotonic() - down_since,
-                )
-                break
+                    return True
+                log.info("reconnect %d to %s failed: %s", attempt, self.target.label, exc)
+                continue
+            self.reconnects += 1
+            log.warning(
+                "reconnected to %s after %.1f s", self.target.label, time.monotonic() - down_since
+            )
+            return False
+        return True  # not reached: _delays() is endless
 
     def close(self) -> None:
-        self._closing = True
-        login, self.login = self.login, None
+        """Close now.  A login under way meanwhile (a reconnect, a first open) closes
+        its own new login when it ends, and its thread then stops."""
+        with self._state:
+            self._closing = True
+            login, self.login, self._agent = self.login, None, None
+        self._closed.set()
         if login is not None:
             login.close()
         self._notify()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """After :meth:`close`: wait until no login is under way and the monitor thread
+        has ended; True if so within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._changed.wait_for(lambda: not self._logging_in, timeout=timeout)
+        monitor = self._monitor_thread
+        if monitor is not None:
+            monitor.join(max(0.0, deadline - time.monotonic()))
+        return self._closing and not self._logging_in and not (monitor and monitor.is_alive())
 
     @property
     def connected(self) -> bool:
@@ -276,7 +343,7 @@ class SSHConnection:
         request_line(0, command, args)  # every word checked before anything is registered
         if not self.connected:  # at once, not after a hanging reconnect's login (its lock)
             raise SSHConnectError(f"not connected to {self.target.label}")
-        with self._lock:
+        with self._state:
             chan = self._agent
             if chan is None or chan.closed or not self.connected:
                 raise SSHConnectError(f"not connected to {self.target.label}")
@@ -284,6 +351,7 @@ class SSHConnection:
             seq = self._seq
             future: Future[str] = Future()
             self._pending[seq] = future
+        with self._write:
             chan.sendall(request_line(seq, command, args))
         if command == "watch":
             self._watched.add(args[0])
@@ -343,8 +411,7 @@ class SSHConnection:
     # --- sharing --------------------------------------------------------------------
 
     def acquire(self) -> None:
-        # Its own lock: ``_lock`` is held through a login (network I/O, which may
-        # hang), and the pool counts users while other callers wait on it.
+        # Its own lock: the pool counts users while other callers wait on it.
         with self._users_lock:
             self._users += 1
 
