@@ -8,6 +8,7 @@ The rig tests prove the real thing; these pin the logic.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from nersc_provisioner.errors import SSHConnectError
+from nersc_provisioner.provisioners.hosts import node_target
 from nersc_provisioner.provisioners.kernel_job import JobPhase, SlurmJob
 from nersc_provisioner.provisioners.remote import NERSCCoriProvisioner
 from nersc_provisioner.provisioners.remote_session import RemoteKernel
@@ -27,6 +29,7 @@ from nersc_provisioner.slurm.allocation import AllocationError, JobStatus, local
 from nersc_provisioner.slurm.commands import SlurmOptions
 from nersc_provisioner.slurm.states import JobState
 from nersc_provisioner.transports.forwarding import RETRY
+from nersc_provisioner.transports.ssh import SSHTarget
 from tests.kernels import wait_until
 
 
@@ -48,6 +51,9 @@ class FakeConnection:
     requests: list[tuple[str, ...]] = field(default_factory=list)
     target: Target = field(default_factory=Target)
     forwards: list[int] = field(default_factory=list)
+
+    def open(self, timeout: float = 60.0) -> None:
+        self.requests.append(("open",))
 
     def request(self, command: str, *args: str, timeout: float = 15.0) -> str:
         self.requests.append((command, *args))
@@ -417,3 +423,99 @@ async def test_queue_waits_leave_the_ssh_workers_free_for_short_requests() -> No
         for wait in waits:
             wait.cancel()
     assert slurm.cancelled == []
+
+
+async def test_a_restart_in_an_ended_job_asks_once_for_a_new_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The job the kernel ran in has ended (its time limit): a restart asks Slurm for
+    one new allocation, waits for it, and runs in it; the old one is remembered."""
+    prov = provisioner(slurm=True)
+    ended_job(prov)
+    slurm = QueuedSlurm()
+    slurm.run.set()
+
+    async def nothing() -> None:
+        return None
+
+    with caplog.at_level(logging.WARNING):
+        job = await prov.kernel_job.ensure(
+            SlurmOptions.from_config({"time": "10"}),
+            slurm,
+            10.0,
+            release_after=lambda _: None,
+            after_failure=nothing,
+        )
+    assert (job.job_id, job.node, job.node_addr, job.owned) == ("100", "node1", "10.0.0.1", True)
+    assert prov.kernel_job.phase is JobPhase.RUNNING
+    assert prov.kernel_job.replaced_after == "4242 (TIMEOUT)"
+    assert "Slurm job 4242 (TIMEOUT) has ended; asking once for a new allocation" in caplog.text
+
+
+# --- reattach: load_provisioner_info ----------------------------------------------------
+
+
+async def saved_info(prov: NERSCCoriProvisioner) -> dict[str, Any]:
+    """What a server saved of a running kernel, as JSON would carry it."""
+    prov.connection_info = {"key": b"secret", "signature_scheme": "hmac-sha256"}
+    return json.loads(json.dumps(await prov.get_provisioner_info()))
+
+
+async def test_reattach_restores_the_kernel_and_forwards_again() -> None:
+    """A new server process loads the saved info: the kernel is watched again, the
+    listeners are open, the clients get them, and poll asks the agent."""
+    old = provisioner()
+    running(old, FakeConnection())
+    info = await saved_info(old)
+    assert info["connection_info"]["key"] == "secret"  # JSON-safe
+
+    new = provisioner()
+    conn = FakeConnection(reconnects=3)
+    new.hosts.login, new.hosts.login_target = conn, Target()  # type: ignore[assignment]
+    try:
+        await new.load_provisioner_info(info)
+        assert new.remote == RemoteKernel(
+            "k1", 1234, "5678", "node1", {"shell_port": 4000}, seen_reconnects=3
+        )
+        assert ("watch", "k1") in conn.requests
+        assert new.connection_info["key"] == b"secret"
+        assert new.tunnel.is_open
+        endpoints = new.tunnel.endpoints()
+        assert {k: new.connection_info[k] for k in endpoints} == endpoints
+        conn.answers["alive"] = "alive"
+        assert await new.poll() is None
+        assert conn.requests[-1][0] == "alive"
+    finally:
+        new.tunnel.close()
+
+
+async def test_reattach_in_a_slurm_job_follows_the_job() -> None:
+    """Saved in a Slurm job: the job is attached again (ours to cancel at shutdown), and
+    the kernel is watched again through the node's connection."""
+    old = provisioner(slurm=True)
+    job_of(old, JobState.RUNNING)
+    running(old, FakeConnection())
+    info = await saved_info(old)
+    assert info["slurm_job"] == {
+        "job_id": "4242",
+        "owned": True,
+        "node": "node1",
+        "node_addr": "10.0.0.1",
+    }
+
+    new = provisioner(slurm=True)
+    login, node = FakeConnection(), FakeConnection()
+    login_target = SSHTarget("login.example", "login.example", 22, "user", (), ())
+    new.hosts.login, new.hosts.login_target = login, login_target  # type: ignore[assignment]
+    # The node's connection is already in hand (as the pool would give it).
+    new.hosts.conn = node  # type: ignore[assignment]
+    new.hosts.target = node_target(new, "10.0.0.1", login_target)
+    try:
+        await new.load_provisioner_info(info)
+        job = new.kernel_job
+        assert job.phase is JobPhase.RUNNING
+        assert job.allocation is not None
+        assert (job.allocation.job_id, job.allocation.owned) == ("4242", True)
+        assert ("watch", "k1") in node.requests
+    finally:
+        new.tunnel.close()
