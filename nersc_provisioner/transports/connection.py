@@ -138,11 +138,11 @@ class SSHConnection:
         monitor = threading.Thread(
             target=self._monitor, name=f"nersc-ssh-{self.target.hostname}", daemon=True
         )
+        monitor.start()  # before it is published: wait_closed() may join it at once
         with self._state:
             self._logging_in = False
             self._monitoring = True
             self._monitor_thread = monitor
-        monitor.start()
         self._notify()
 
     def _notify(self) -> None:
