@@ -45,8 +45,3 @@ def container_prefix(spec: ContainerSpec) -> list[str]:
     for path in spec.mounts:
         mounts += ["-v", f"{path}:{path}"]
     return ["podman-hpc", "run", "--rm", "--net", "host", *mounts, *spec.args, spec.image]
-
-
-def runtime_program(spec: ContainerSpec | None) -> str | None:
-    """The runtime's program name, or None without a container."""
-    return None if spec is None else container_prefix(spec)[0]

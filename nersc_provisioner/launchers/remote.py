@@ -37,12 +37,6 @@ REMOTE_BASE = '"$HOME/.nersc_provisioner/kernels"'
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
-def remote_connection_file(kernel_id: str) -> str:
-    """The remote connection file's path, as a shell expression."""
-    kid = check_token(kernel_id, "kernel id")
-    return f'"$HOME/.nersc_provisioner/kernels/{kid}/connection.json"'
-
-
 @dataclass(frozen=True)
 class RemoteLaunch:
     """Everything the launch script needs."""

@@ -112,11 +112,6 @@ class SlurmOptions:
         options.flags()  # values that cannot be carried fail now, with their key named
         return options
 
-    @property
-    def requested(self) -> bool:
-        """True if these settings ask for Slurm at all."""
-        return self != SlurmOptions()
-
     def flags(self) -> list[str]:
         flags = [f"--nodes={int(self.nodes)}"]
         for name in ("qos", "constraint", "time", "account", "gpus", "partition", "reservation"):

@@ -404,10 +404,6 @@ class SSHConnection:
                     ) from exc
         raise SSHConnectError(f"no session on {self.target.label}")  # not reached
 
-    def watch(self, kernel_ids: Iterable[str]) -> None:
-        for kernel_id in kernel_ids:
-            self.request("watch", kernel_id)
-
     # --- sharing --------------------------------------------------------------------
 
     def acquire(self) -> None:
