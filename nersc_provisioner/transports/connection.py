@@ -416,6 +416,11 @@ class SSHConnection:
             self._users -= 1
             return self._users
 
+    @property
+    def users(self) -> int:
+        with self._users_lock:
+            return self._users
+
 
 def _delays() -> Iterable[float]:
     yield from BACKOFF
@@ -424,10 +429,16 @@ def _delays() -> Iterable[float]:
 
 
 class ConnectionPool:
-    """One :class:`SSHConnection` per target, shared by all kernels in this process."""
+    """One :class:`SSHConnection` per target, shared by all kernels in this process.
+
+    The last user's release closes a connection, or (``keep`` seconds, like OpenSSH's
+    ControlPersist) leaves it open for the next kernel on that host, which then pays
+    no second login."""
 
     _lock = threading.Lock()
     _connections: dict[SSHTarget, SSHConnection] = {}  # noqa: RUF012
+    #: The pending close of each connection kept open with no user.
+    _expiries: dict[SSHConnection, threading.Timer] = {}  # noqa: RUF012
 
     @classmethod
     def get(cls, target: SSHTarget, via: SSHConnection | None = None) -> SSHConnection:
@@ -436,18 +447,55 @@ class ConnectionPool:
             if conn is None or conn.fatal is not None or conn._closing or conn.via is not via:
                 conn = SSHConnection(target, via)
                 cls._connections[target] = conn
+            expiry = cls._expiries.pop(conn, None)
+            if expiry is not None:
+                expiry.cancel()
             conn.acquire()
         return conn
 
     @classmethod
-    def put(cls, target: SSHTarget, conn: SSHConnection) -> None:
-        """Give back a connection; the last user closes it."""
+    def put(cls, target: SSHTarget, conn: SSHConnection, keep: float = 0.0) -> None:
+        """Give back a connection.  The last user closes it, unless ``keep`` > 0 and it is
+        up: then it closes after ``keep`` seconds without a new user."""
         with cls._lock:
             if conn.release() > 0:
                 return
-            if cls._connections.get(target) is conn:
+            pooled = cls._connections.get(target) is conn
+            if keep > 0 and pooled and conn.connected:
+                expiry = threading.Timer(keep, cls._expire, (target, conn))
+                expiry.daemon = True
+                cls._expiries[conn] = expiry
+                expiry.start()
+                return
+            if pooled:
                 del cls._connections[target]
         conn.close()
+
+    @classmethod
+    def _expire(cls, target: SSHTarget, conn: SSHConnection) -> None:
+        with cls._lock:
+            if cls._expiries.get(conn) is None or conn.users > 0:
+                return  # taken again meanwhile
+            del cls._expiries[conn]
+            if cls._connections.get(target) is conn:
+                del cls._connections[target]
+        log.info("closing the SSH connection to %s: no kernel used it", target.label)
+        conn.close()
+
+    @classmethod
+    def close_idle(cls) -> int:
+        """Close at once every connection kept open with no user; how many."""
+        with cls._lock:
+            idle = list(cls._expiries.items())
+            cls._expiries.clear()
+            for conn, expiry in idle:
+                expiry.cancel()
+                for target, pooled in list(cls._connections.items()):
+                    if pooled is conn:
+                        del cls._connections[target]
+        for conn, _ in idle:
+            conn.close()
+        return len(idle)
 
     @classmethod
     def count(cls) -> int:
