@@ -27,6 +27,7 @@ from .kernelspec import (
     remove_kernel_spec,
 )
 from .provisioners import PROVISIONERS
+from .settings_registry import SETTINGS, SLURM_KEYS, Scope, Setting, in_scope, settings_of
 from .shell import join
 from .slurm.commands import SlurmOptions
 from .transports.ssh import SSHTarget, resolve_target
@@ -60,21 +61,41 @@ docs: docs/cli.md (every flag), docs/configuration.md (every setting)
 """
 
 
-#: The --slurm-KEY flags with a plain value: the slurm key, metavar, help (SLURM_KEYS order).
-_SLURM_FLAGS = (
-    ("qos", "QOS", "QOS, e.g. interactive (Cori) or debug, regular (sbatch --qos)"),
-    (
-        "constraint",
-        "FEATURES",
-        "node type, e.g. gpu or cpu (Perlmutter), haswell or knl (Cori) (sbatch --constraint)",
-    ),
-    ("time", "TIME", "the job's time limit, e.g. 1:00:00, or 30 for minutes (sbatch --time)"),
-    ("account", "ACCOUNT", "project to charge, e.g. m1234 (sbatch --account)"),
-    ("nodes", "N", "nodes to allocate (default 1); the kernel runs on the first one"),
-    ("gpus", "GPUS", "GPUs for the job, e.g. 1 or 4 (sbatch --gpus)"),
-    ("partition", "PARTITION", "partition, on sites that use them (sbatch --partition)"),
-    ("reservation", "NAME", "reservation to run in, e.g. a training's (sbatch --reservation)"),
-)
+def _add_setting_flags(group: Any, settings: Sequence[Setting], namespace: str) -> None:
+    """One flag per setting that has one, as the registry declares it.
+
+    Its value goes to ``NAMESPACE.NAME`` (``config.user``, ``slurm.qos``), so that no
+    setting can clash with install's own flags (``--user`` is not ``user``).
+    """
+    for declared in settings:
+        flag = declared.flag
+        if flag is None:
+            continue
+        options: dict[str, Any] = {"dest": f"{namespace}.{declared.name}", "help": flag.help}
+        if declared.kind == "bool":
+            options["action"] = "store_true"
+        elif declared.kind == "choice":
+            options["choices"] = declared.choices
+        else:
+            options["metavar"] = flag.metavar
+            if declared.kind == "list":
+                options.update(action="append", default=[])
+            elif declared.kind in ("int", "float"):
+                options["type"] = int if declared.kind == "int" else float
+        group.add_argument(flag.name, **options)
+
+
+def _flag_values(
+    args: argparse.Namespace, settings: Sequence[Setting], namespace: str
+) -> dict[str, Any]:
+    """The settings whose flags were given, with their values (0 and '' count as given)."""
+    values = {}
+    for declared in settings:
+        if declared.flag is not None:
+            value = getattr(args, f"{namespace}.{declared.name}")
+            if value is not None and value is not False and value != []:
+                values[declared.name] = value
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,37 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(PROVISIONERS),
         help="which provisioner starts the kernel (default: nersc-local)",
     )
-    how.add_argument(
-        "--module", action="append", default=[], dest="modules", help="module to load (repeatable)"
-    )
-    how.add_argument(
-        "--module-use",
-        action="append",
-        default=[],
-        help="directory to `module use` before loading (repeatable)",
-    )
-    how.add_argument("--purge", action="store_true", help="run `module purge` first")
-    how.add_argument(
-        "--module-init",
-        help="auto, lmod, environment-modules, none, or an init script path (default: auto)",
-    )
-    how.add_argument(
-        "--setup",
-        action="append",
-        default=[],
-        help="shell line run before the kernel, e.g. 'conda activate myenv' (repeatable)",
-    )
-    how.add_argument("--container", help="container image, e.g. docker:org/image:tag")
-    how.add_argument("--container-runtime", help="shifter (default) or podman-hpc")
-    how.add_argument(
-        "--container-arg",
-        action="append",
-        default=[],
-        dest="container_args",
-        help="extra argument for the container runtime (repeatable)",
-    )
-    how.add_argument("--cwd", help="directory the kernel starts in")
-    how.add_argument("--launch-timeout", type=float, help="seconds allowed for the setup")
+    _add_setting_flags(how, in_scope(Scope.WRAPPER), "config")
     argv = how.add_mutually_exclusive_group()
     argv.add_argument(
         "--python",
@@ -160,41 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         "--identity-file, --ssh-config and --known-hosts also apply to nersc-local with "
         "--slurm-* flags: there they are for the ssh from this machine into the job's node.",
     )
-    remote.add_argument("--host", help="host or ~/.ssh/config alias (default: the system's)")
-    remote.add_argument("--remote-user", help="user name on the host")
-    remote.add_argument("--ssh-port", type=int, help="SSH port")
-    remote.add_argument(
-        "--identity-file",
-        help="private key (its -cert.pub is used too; NERSC: ~/.ssh/nersc); nersc-local with "
-        "Slurm: the key for the job's node",
-    )
-    remote.add_argument(
-        "--ssh-config",
-        help="ssh config file ('' to ignore ~/.ssh/config); nersc-local with Slurm: for the "
-        "job's node",
-    )
-    remote.add_argument(
-        "--known-hosts",
-        action="append",
-        default=[],
-        help="known_hosts file (repeatable); nersc-local with Slurm: for the job's node "
-        "(/etc/ssh/ssh_known_hosts is read too)",
-    )
-    remote.add_argument("--remote-python", help="the Python on the host that runs ipykernel")
-    remote.add_argument("--remote-cwd", help="directory the kernel starts in on the host")
-    remote.add_argument(
-        "--lease-timeout",
-        type=int,
-        help="seconds without contact before the remote watchdog ends the kernel",
-    )
-    remote.add_argument(
-        "--data-path",
-        choices=("tunnel", "direct"),
-        help="how Jupyter reaches the kernel's ports: tunnel (default: forwarded over SSH, "
-        "works from anywhere) or direct (the kernel binds the host's address, CurveZMQ "
-        "required; faster, but only where that address is reachable, e.g. Jupyter inside "
-        "NERSC). See docs/data-path.md",
-    )
+    _add_setting_flags(remote, in_scope(Scope.REMOTE), "config")
     slurm = install.add_argument_group(
         "Slurm: run the kernel as a step of a Slurm job on a compute node",
         "With any of these, the kernel does not run on the login node: a job is submitted "
@@ -206,43 +163,8 @@ def _parser() -> argparse.ArgumentParser:
         "running on a login node itself), sbatch runs here and the node is reached by ssh from "
         "here (see --identity-file, --known-hosts, --ssh-config).",
     )
-    for flag, metavar, text in _SLURM_FLAGS:
-        slurm.add_argument(
-            f"--slurm-{flag}",
-            metavar=metavar,
-            type=int if flag == "nodes" else str,
-            dest=f"slurm_{flag.replace('-', '_')}",
-            help=text,
-        )
-    slurm.add_argument(
-        "--slurm-arg",
-        action="append",
-        default=[],
-        dest="slurm_args",
-        metavar="ARG",
-        help="one more sbatch argument, as one word (repeatable), e.g. --slurm-arg=--mem=8G; "
-        "write it with '=' as shown, since a value that starts with '-' would be read as a flag",
-    )
-    slurm.add_argument(
-        "--slurm-job-id",
-        metavar="JOBID",
-        help="run in this job of yours (the number `squeue --me` shows) instead of submitting "
-        "one; it is never cancelled",
-    )
-    slurm.add_argument(
-        "--slurm-keep",
-        action="store_true",
-        help="leave the job running when the kernel shuts down (default: cancel the job the "
-        "kernel asked for)",
-    )
-    slurm.add_argument(
-        "--queue-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="seconds the job may wait in the queue before the start fails and the job is "
-        "cancelled (a --slurm-job-id job is left as it is) (default 900; separate from "
-        "--launch-timeout)",
-    )
+    _add_setting_flags(slurm, SLURM_KEYS, "slurm")
+    _add_setting_flags(slurm, in_scope(Scope.SLURM), "config")
     how.add_argument(
         "--no-check",
         action="store_true",
@@ -287,49 +209,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _install(args: argparse.Namespace) -> int:
-    config: dict[str, Any] = {
-        "modules": args.modules,
-        "purge": args.purge or None,
-        "module_init": args.module_init,
-        "module_use": args.module_use,
-        "setup": args.setup,
-        "container": args.container,
-        "container_runtime": args.container_runtime,
-        "container_args": args.container_args,
-        "cwd": args.cwd,
-        "launch_timeout": args.launch_timeout,
-    }
-    slurm = _slurm_config(args)
-    node_ssh = {
-        "identity_file": args.identity_file,
-        "ssh_config": args.ssh_config,
-        "known_hosts": args.known_hosts,
-    }
-    if args.provisioner != "nersc-local":
-        config.update(
-            {
-                "host": args.host,
-                "user": args.remote_user,
-                "port": args.ssh_port,
-                **node_ssh,
-                "remote_python": args.remote_python,
-                "remote_cwd": args.remote_cwd,
-                "lease_timeout": args.lease_timeout,
-                "data_path": args.data_path,
-            }
+    given = _flag_values(args, SETTINGS, "config")
+    slurm = _slurm_config(_flag_values(args, SLURM_KEYS, "slurm"))
+    if args.provisioner == "nersc-local":
+        _refuse_remote_flags(given, slurm)
+    queue_timeout = given.get("queue_timeout")
+    if queue_timeout is not None and not queue_timeout > 0:
+        raise ConfigError(
+            f"--queue-timeout must be a positive number of seconds, not {queue_timeout}",
+            hint="e.g. --queue-timeout 1800 to wait up to half an hour in the queue",
         )
-    else:
-        _refuse_remote_flags(args, slurm)
-        config.update(node_ssh)
-    if slurm:
-        config["slurm"] = slurm
-    if args.queue_timeout is not None:
-        if not args.queue_timeout > 0:
-            raise ConfigError(
-                f"--queue-timeout must be a positive number of seconds, not {args.queue_timeout}",
-                hint="e.g. --queue-timeout 1800 to wait up to half an hour in the queue",
-            )
-        config["queue_timeout"] = args.queue_timeout
+    # One key per flag given, in registry order; build_kernel_spec leaves out empty values.
+    config: dict[str, Any] = {}
+    for declared in settings_of(args.provisioner):
+        if declared.name == "slurm" and slurm:
+            config["slurm"] = slurm
+        elif declared.name in given:
+            config[declared.name] = given[declared.name]
     kernel_argv = None
     if args.kernel_argv:
         kernel_argv = shlex.split(args.kernel_argv)
@@ -343,11 +239,14 @@ def _install(args: argparse.Namespace) -> int:
         argv=kernel_argv,
         env=dict(args.env),
     )
-    if args.ssh_config == "":
+    if given.get("ssh_config") == "":
         # build_kernel_spec leaves out empty values; here '' means "ignore ~/.ssh/config".
         spec["metadata"]["kernel_provisioner"]["config"]["ssh_config"] = ""
-    if args.modules and not args.no_check and args.provisioner == "nersc-local":
-        unknown = missing_modules(args.modules, args.module_init or "auto", args.module_use)
+    modules = given.get("modules", [])
+    if modules and not args.no_check and args.provisioner == "nersc-local":
+        unknown = missing_modules(
+            modules, given.get("module_init") or "auto", given.get("module_use", [])
+        )
         if unknown:
             raise ConfigError(
                 f"unknown module(s): {', '.join(unknown)}",
@@ -361,20 +260,13 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_remote_flags(args: argparse.Namespace, slurm: dict[str, Any]) -> None:
+def _refuse_remote_flags(given: dict[str, Any], slurm: dict[str, Any]) -> None:
     """nersc-local: no remote-host flags; the node's ssh flags only with --slurm-*."""
+    local = settings_of("nersc-local")
     remote = [
-        flag
-        for flag, value in (
-            ("--host", args.host),
-            ("--remote-user", args.remote_user),
-            ("--ssh-port", args.ssh_port),
-            ("--remote-python", args.remote_python),
-            ("--remote-cwd", args.remote_cwd),
-            ("--lease-timeout", args.lease_timeout),
-            ("--data-path", args.data_path),
-        )
-        if value is not None
+        s.flag.name
+        for s in in_scope(Scope.REMOTE)
+        if s.flag is not None and s not in local and s.name in given
     ]
     if remote:
         raise ConfigError(
@@ -382,15 +274,7 @@ def _refuse_remote_flags(args: argparse.Namespace, slurm: dict[str, Any]) -> Non
             hint="add --provisioner nersc-perlmutter (or nersc-cori); for a kernel on this "
             "machine use --python, --cwd and --launch-timeout",
         )
-    node = [
-        flag
-        for flag, value in (
-            ("--identity-file", args.identity_file),
-            ("--ssh-config", args.ssh_config),
-            ("--known-hosts", args.known_hosts or None),
-        )
-        if value is not None
-    ]
+    node = [s.flag.name for s in in_scope(Scope.NODE_SSH) if s.flag is not None and s.name in given]
     if node and not slurm:
         raise ConfigError(
             f"{', '.join(node)}: with nersc-local, the ssh flags are for the ssh into a Slurm "
@@ -400,23 +284,15 @@ def _refuse_remote_flags(args: argparse.Namespace, slurm: dict[str, Any]) -> Non
         )
 
 
-def _slurm_config(args: argparse.Namespace) -> dict[str, Any]:
+def _slurm_config(given: dict[str, Any]) -> dict[str, Any]:
     """The ``slurm`` section from the --slurm-* flags given (only those), each value checked."""
-    given: list[tuple[str, str, Any]] = []
-    for flag, _, _ in _SLURM_FLAGS:
-        value = getattr(args, f"slurm_{flag}")
-        if value is not None:
-            given.append((f"--slurm-{flag}", flag, value))
-    if args.slurm_args:
-        given.append(("--slurm-arg", "extra_args", list(args.slurm_args)))
-    if args.slurm_job_id is not None:
-        given.append(("--slurm-job-id", "job_id", args.slurm_job_id))
-    if args.slurm_keep:
-        given.append(("--slurm-keep", "keep", True))
-    for flag, key, value in given:
+    for key in SLURM_KEYS:
+        if key.name not in given or key.flag is None:
+            continue
         try:
-            SlurmOptions.from_config({key: value})
+            SlurmOptions.from_config({key.name: given[key.name]})
         except ConfigError as exc:
+            flag = key.flag.name
             hint = exc.hint or (
                 "give one sbatch argument per --slurm-arg, with no newline or NUL byte, "
                 "e.g. --slurm-arg=--mem=8G"
@@ -424,9 +300,8 @@ def _slurm_config(args: argparse.Namespace) -> dict[str, Any]:
                 else f"see {flag} in `python -m nersc_provisioner install --help`"
             )
             raise ConfigError(f"{flag}: {exc.message}", hint=hint) from None
-    config = {key: value for _, key, value in given}
-    SlurmOptions.from_config(config)
-    return config
+    SlurmOptions.from_config(given)
+    return given
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 Settings may come from ``NERSC_PROVISIONER_*`` variables.  They are the
 lowest layer above the built-in defaults; Jupyter config files and the
 kernel.json ``config`` both override them (see docs/configuration.md).
+Which settings have a variable, and how a list is split, is declared in
+:mod:`nersc_provisioner.settings_registry`.
 """
 
 from __future__ import annotations
@@ -13,32 +15,17 @@ from typing import Any
 from environs import Env, EnvError
 
 from .errors import ConfigError
+from .settings_registry import SETTINGS, Kind
 
 PREFIX = "NERSC_PROVISIONER_"
 
-# config key -> (how environs reads it, extra keyword arguments)
-_READERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "modules": ("list", {"delimiter": ","}),
-    "purge": ("bool", {}),
-    "module_init": ("str", {}),
-    "module_use": ("list", {"delimiter": ":"}),
-    "setup": ("list", {"delimiter": "\n"}),
-    "container": ("str", {}),
-    "container_runtime": ("str", {}),
-    "container_args": ("list", {"delimiter": " "}),
-    "cwd": ("str", {}),
-    "launch_timeout": ("float", {}),
-    # remote (nersc-cori, nersc-perlmutter)
-    "host": ("str", {}),
-    "user": ("str", {}),
-    "port": ("int", {}),
-    "identity_file": ("str", {}),
-    "ssh_config": ("str", {}),
-    "known_hosts": ("list", {"delimiter": ":"}),
-    "remote_python": ("str", {}),
-    "remote_cwd": ("str", {}),
-    "lease_timeout": ("int", {}),
-    "reconnect_grace": ("float", {}),
+#: The environs reader of each kind of setting that a variable can carry.
+_READERS: dict[Kind, str] = {
+    "str": "str",
+    "bool": "bool",
+    "int": "int",
+    "float": "float",
+    "list": "list",
 }
 
 
@@ -54,9 +41,12 @@ def environment_defaults() -> dict[str, Any]:
     """
     env = Env(expand_vars=False)
     values: dict[str, Any] = {}
-    for key, (kind, extra) in _READERS.items():
-        name = env_var_name(key)
-        reader: Callable[..., Any] = getattr(env, kind)
+    for setting in SETTINGS:
+        if not setting.environment:
+            continue
+        name = env_var_name(setting.name)
+        reader: Callable[..., Any] = getattr(env, _READERS[setting.kind])
+        extra = {"delimiter": setting.delimiter} if setting.kind == "list" else {}
         try:
             value = reader(name, None, **extra)
         except EnvError as exc:
@@ -66,12 +56,12 @@ def environment_defaults() -> dict[str, Any]:
             ) from exc
         if value is None:
             continue
-        if kind == "list":
+        if setting.kind == "list":
             value = [item.strip() for item in value if item.strip()]
-        values[key] = value
+        values[setting.name] = value
     return values
 
 
 def environment_keys() -> list[str]:
     """The config keys that can come from the environment."""
-    return list(_READERS)
+    return [setting.name for setting in SETTINGS if setting.environment]

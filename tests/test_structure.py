@@ -1,6 +1,6 @@
 """The package's structure, as docs/how-it-works.md draws it: imports go one way.
 
-Layers, lowest first: the leaves (errors, shell, settings, systems), then
+Layers, lowest first: the leaves (errors, shell, settings, settings_registry, systems), then
 transports, launchers and slurm (none imports another layer's provisioners), then
 provisioners, then the user-facing modules (kernelspec, diagnostics, cli).  Every
 import inside the package is counted, those inside functions too.
@@ -22,7 +22,7 @@ LAYERS = {
     "provisioners": {"base", "transports", "launchers", "slurm"},
     "front": {"base", "transports", "launchers", "slurm", "provisioners"},
 }
-BASE = {"errors", "shell", "settings", "systems"}
+BASE = {"errors", "shell", "settings", "settings_registry", "systems"}
 FRONT = {"kernelspec", "diagnostics", "cli", "hostops", "__init__", "__main__"}
 
 

@@ -5,7 +5,7 @@ Precedence, highest first:
 1. kernel.json ``metadata.kernel_provisioner.config`` (constructor keyword arguments);
 2. Jupyter config files (``c.NERSCLocalProvisioner.modules = [...]``);
 3. ``NERSC_PROVISIONER_*`` environment variables (:mod:`nersc_provisioner.settings`);
-4. the defaults declared here.
+4. the defaults the registry declares (:mod:`nersc_provisioner.settings_registry`).
 
 traitlets gives 1 over 2; ``__init__`` then fills each key that neither set
 from the environment, so 3 beats 4.
@@ -18,17 +18,74 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from traitlets import Bool, CaselessStrEnum, Dict, Float, List, TraitError, Unicode, validate
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
 from ..launchers.container import RUNTIMES, ContainerSpec
 from ..launchers.wrapper import MODULE_INIT_CHOICES, EnvironmentSetup, build_script
 from ..settings import environment_defaults
-from ..slurm.commands import SLURM_KEYS, SlurmOptions
+from ..settings_registry import Kind, Setting, setting
+from ..slurm.commands import SlurmOptions
 
 # Constructor arguments that jupyter_client itself passes; not config keys.
 _FRAMEWORK_KWARGS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+
+# The traits of the settings, made from the registry (settings_registry.py), which holds
+# each one's kind, default and help. One function per kind, so that mypy knows each
+# trait's type; each checks that the registry gives the setting that kind.
+
+
+def _declared(name: str, kind: Kind) -> Setting:
+    declared = setting(name)
+    if declared.kind != kind:
+        raise TypeError(f"setting {name!r} is a {declared.kind} in the registry, not a {kind}")
+    return declared
+
+
+def _help(declared: Setting, node: bool) -> str:
+    """The help; ``node``: as on nersc-local, where the setting is for the job's node."""
+    return declared.node_help if node and declared.node_help else declared.help
+
+
+def str_trait(name: str, *, node: bool = False) -> Unicode[str, str | bytes]:
+    declared = _declared(name, "str")
+    default = declared.default if isinstance(declared.default, str) else ""
+    return Unicode(default, help=_help(declared, node)).tag(config=True)
+
+
+def list_trait(name: str, *, node: bool = False) -> List[str]:
+    declared = _declared(name, "list")
+    return List(Unicode(), help=_help(declared, node)).tag(config=True)
+
+
+def bool_trait(name: str) -> Bool[bool, bool | int]:
+    declared = _declared(name, "bool")
+    return Bool(declared.default is True, help=declared.help).tag(config=True)
+
+
+def int_trait(name: str) -> Int[int, int]:
+    declared = _declared(name, "int")
+    default = declared.default if isinstance(declared.default, int) else 0
+    return Int(default, help=declared.help).tag(config=True)
+
+
+def float_trait(name: str) -> Float[float, int | float]:
+    declared = _declared(name, "float")
+    default = float(declared.default) if isinstance(declared.default, int | float) else 0.0
+    return Float(default, help=declared.help).tag(config=True)
+
+
+def choice_trait(name: str) -> CaselessStrEnum[Any]:
+    declared = _declared(name, "choice")
+    default = declared.default if isinstance(declared.default, str) else declared.choices[0]
+    return CaselessStrEnum(list(declared.choices), default, help=declared.help).tag(config=True)
+
+
+def mapping_trait(name: str) -> Dict[str, Any]:
+    declared = _declared(name, "mapping")
+    return Dict(help=declared.help).tag(config=True)
 
 
 @dataclass(frozen=True)
@@ -44,56 +101,21 @@ class WrapperOptions(LoggingConfigurable):
 
     provisioner_name: ClassVar[str] = ""
 
-    modules = List(Unicode(), help="Modules to `module load`, in order.").tag(config=True)
-    purge = Bool(help="Run `module purge` before loading modules.").tag(config=True)
-    module_init = Unicode(
-        "auto",
-        help="How to make `module` exist: auto (detect Lmod, then Environment Modules), "
-        "lmod, environment-modules, none, or the path of an init script to source.",
-    ).tag(config=True)
-    module_use = List(
-        Unicode(),
-        help="Directories to `module use` before loading, e.g. /global/common/software/m1234/"
-        "modulefiles (absolute paths: `~` is not expanded).",
-    ).tag(config=True)
-    setup = List(
-        Unicode(),
-        help="Extra shell lines run before the kernel, e.g. `conda activate myenv`. "
-        "Each line runs on its own; a failing line fails the start.",
-    ).tag(config=True)
-    container = Unicode(help="Container image to run the kernel in ('' for none).").tag(config=True)
-    container_runtime = Unicode("shifter", help="shifter or podman-hpc.").tag(config=True)
-    container_args = List(Unicode(), help="Extra arguments for the container runtime.").tag(
-        config=True
-    )
-    cwd = Unicode(help="Directory the kernel starts in ('' to keep Jupyter's choice).").tag(
-        config=True
-    )
-    launch_timeout = Float(
-        60.0,
-        help="Seconds allowed for the environment setup (modules, setup lines) to finish, "
-        "and again for the kernel to open its sockets.",
-    ).tag(config=True)
-
-    slurm = Dict(
-        help="Run the kernel as a step of a Slurm job on a compute node. Keys: "
-        + ", ".join(SLURM_KEYS)
-        + ". Empty: no Slurm. See docs/compute-nodes.md."
-    ).tag(config=True)
-    queue_timeout = Float(
-        900.0,
-        help="Seconds the Slurm job may wait in the queue before it is cancelled "
-        "(separate from launch_timeout).",
-    ).tag(config=True)
-
-    transport_encryption = CaselessStrEnum(
-        ["auto", "required", "disabled"],
-        "auto",
-        help="Keep other users of the node out of the kernel's ZeroMQ sockets. Remote: "
-        "CurveZMQ; auto (on when the remote ipykernel supports it, else a warning), "
-        "required (refuse a kernel without it), disabled. nersc-local: CurveZMQ, else IPC "
-        "sockets in a 0700 directory; auto warns and required refuses when neither works.",
-    ).tag(config=True)
+    # Declared in settings_registry.py (kind, default, help); the checks with their
+    # own messages are the @validate methods below.
+    modules = list_trait("modules")
+    module_use = list_trait("module_use")
+    purge = bool_trait("purge")
+    module_init = str_trait("module_init")
+    setup = list_trait("setup")
+    container = str_trait("container")
+    container_runtime = str_trait("container_runtime")
+    container_args = list_trait("container_args")
+    cwd = str_trait("cwd")
+    launch_timeout = float_trait("launch_timeout")
+    slurm = mapping_trait("slurm")
+    queue_timeout = float_trait("queue_timeout")
+    transport_encryption = choice_trait("transport_encryption")
 
     @validate("slurm")
     def _check_slurm(self, proposal: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import TraitError, default, validate
 
 from ..errors import ConfigError
 from ..launchers.remote import PORT_NAMES, RemoteLaunch, build_launch_script
@@ -19,9 +19,17 @@ from ..launchers.wrapper import EnvironmentSetup
 from ..shell import join
 from ..slurm.commands import holder_argv, step_argv
 from ..systems import System
-from ..transports.ssh import DEFAULT_SSH_CONFIG, SSHTarget, resolve_target
+from ..transports.ssh import SSHTarget, resolve_target
 from .argv import remote_argv
-from .options import LaunchPlan, WrapperOptions
+from .options import (
+    LaunchPlan,
+    WrapperOptions,
+    choice_trait,
+    float_trait,
+    int_trait,
+    list_trait,
+    str_trait,
+)
 
 #: A host name, an IPv4 address or an ssh config alias: no user@, :port, %-tokens.
 _HOST = re.compile(r"[A-Za-z0-9._-]+\Z")
@@ -35,42 +43,18 @@ class RemoteOptions(WrapperOptions):
     #: Slurm commands run here, and the job's node is reached by ssh from here.
     login_is_local: ClassVar[bool] = False
 
-    host = Unicode(help="Host to log in to (an ~/.ssh/config alias works).").tag(config=True)
-    user = Unicode(help="User name on the host ('' : from ~/.ssh/config or local).").tag(
-        config=True
-    )
-    port = Int(help="SSH port (0: from ~/.ssh/config, else 22).").tag(config=True)
-    identity_file = Unicode(
-        help="Private key; its '-cert.pub' certificate is used with it "
-        "('' : IdentityFile from ~/.ssh/config, else the system's default, ~/.ssh/nersc "
-        "for NERSC systems)."
-    ).tag(config=True)
-    ssh_config = Unicode(DEFAULT_SSH_CONFIG, help="ssh config file to honour ('' to ignore).").tag(
-        config=True
-    )
-    known_hosts = List(Unicode(), help="known_hosts files (default ~/.ssh/known_hosts).").tag(
-        config=True
-    )
-    remote_python = Unicode(
-        help="Python on the remote host that runs ipykernel (replaces a bare `python` in "
-        "argv); resolved there, after modules and setup lines."
-    ).tag(config=True)
-    remote_cwd = Unicode(help="Directory the kernel starts in on the remote host.").tag(config=True)
-    lease_timeout = Int(
-        1800, help="Seconds without contact after which the remote watchdog ends the kernel."
-    ).tag(config=True)
-    reconnect_grace = Float(
-        300.0, help="Seconds a kernel is still reported alive while its connection is down."
-    ).tag(config=True)
-    data_path = CaselessStrEnum(
-        ["tunnel", "direct"],
-        "tunnel",
-        help="How Jupyter reaches the kernel's ZeroMQ ports. tunnel: forwarded over the SSH "
-        "connection, the kernel bound to the host's 127.0.0.1 (works from anywhere SSH "
-        "works). direct: the kernel binds the address SSH reached (the login node's, or the "
-        "job node's) and Jupyter connects to it with CurveZMQ required; faster, but only "
-        "where that address is reachable (inside the site's network).",
-    ).tag(config=True)
+    # Declared in settings_registry.py (kind, default, help).
+    host = str_trait("host")
+    user = str_trait("user")
+    port = int_trait("port")
+    identity_file = str_trait("identity_file")
+    ssh_config = str_trait("ssh_config")
+    known_hosts = list_trait("known_hosts")
+    remote_python = str_trait("remote_python")
+    remote_cwd = str_trait("remote_cwd")
+    lease_timeout = int_trait("lease_timeout")
+    reconnect_grace = float_trait("reconnect_grace")
+    data_path = choice_trait("data_path")
 
     @default("host")
     def _default_host(self) -> str:
