@@ -317,6 +317,19 @@ SETTINGS: tuple[Setting, ...] = (
         default=300.0, unit="seconds", environment=True,
     ),
     Setting(
+        "connection_persist", "float",
+        "Seconds the SSH connection to the host stays open after its last kernel ends, so "
+        "that the next kernel there needs no new login (like OpenSSH's ControlPersist); "
+        "0 closes it at once.", _REMOTE,
+        default=60.0, unit="seconds", environment=True,
+        flag=Flag(
+            "--connection-persist",
+            "seconds the connection stays open after the host's last kernel ends "
+            "(default: 60; 0: close at once)",
+            "SECONDS",
+        ),
+    ),
+    Setting(
         "data_path", "choice",
         "How Jupyter reaches the kernel's ZeroMQ ports. tunnel: forwarded over the SSH "
         "connection, the kernel bound to the host's 127.0.0.1 (works from anywhere SSH "

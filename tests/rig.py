@@ -292,6 +292,9 @@ def remote_config(ssh: SSHRig) -> dict[str, Any]:
         "known_hosts": [str(ssh.known_hosts)],
         "ssh_config": "",
         "remote_python": ssh.remote_python,
+        # Close the connection with its last kernel, so that each test's checks of what
+        # is left see its own; keeping it (the default, 60 s) has a test of its own.
+        "connection_persist": 0,
     }
 
 

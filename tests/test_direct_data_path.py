@@ -205,6 +205,7 @@ async def test_direct_through_a_jump_host_is_refused(
         "ssh_config": str(config_file),
         "remote_python": rig.remote_python,
         "data_path": "direct",
+        "connection_persist": 0,
     }
     with pytest.raises(ConfigError, match="ProxyJump") as info:
         await start_kernel(config, provisioner="nersc-perlmutter")

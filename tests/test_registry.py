@@ -61,6 +61,7 @@ VALID: dict[str, Any] = {
     "remote_cwd": "/scratch",
     "lease_timeout": 60,
     "reconnect_grace": 30.0,
+    "connection_persist": 5.0,
     "data_path": "direct",
     "slurm": {"qos": "debug"},
     "queue_timeout": 30.0,

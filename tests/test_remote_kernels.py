@@ -281,6 +281,37 @@ async def test_ten_kernels_share_one_connection(
     assert len(logins) == 1, logins
 
 
+async def test_a_new_kernel_after_a_shutdown_needs_no_second_login(
+    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+) -> None:
+    """With connection_persist (default 60 s) the connection outlives the host's last
+    kernel: a kernel started after a shutdown uses it, with no second login."""
+    config = {**remote_config}
+    del config["connection_persist"]  # the default
+    log = rig.sshd_pidfile.parent / "sshd.log"
+    before = len(log.read_text().splitlines())
+    first = await start_kernel(config, name="first", provisioner="nersc-cori")
+    conn = first.provisioner.connection  # type: ignore[union-attr]
+    await first.shutdown_kernel()
+    assert conn is not None and conn.connected  # kept, with no kernel
+    assert ConnectionPool.count() == 1
+    second = await start_kernel(config, name="second", provisioner="nersc-cori")
+    assert second.provisioner.connection is conn  # type: ignore[union-attr]
+    kc = await ready_client(second)
+    try:
+        assert (await run_cell(kc, "print(6 * 7)")).stdout.strip() == "42"
+    finally:
+        kc.stop_channels()
+    await second.shutdown_kernel()
+    logins = [
+        line for line in log.read_text().splitlines()[before:] if "Accepted publickey" in line
+    ]
+    assert len(logins) == 1, logins
+    assert ConnectionPool.close_idle() == 1  # kept for the next kernel until closed
+    assert ConnectionPool.count() == 0
+    assert not conn.connected
+
+
 REATTACH = textwrap.dedent(
     """
     import asyncio, json, sys
@@ -407,6 +438,7 @@ async def test_proxyjump_with_two_hops(
         "host": "inner",
         "ssh_config": str(config_file),
         "remote_python": remote_config["remote_python"],
+        "connection_persist": 0,
     }
     km = await start_kernel(config, provisioner="nersc-perlmutter")
     kc = await ready_client(km)

@@ -120,12 +120,14 @@ class HostConnections:
         login, target = self.login, self.login_target
         self.login = None
         if login is not None and target is not None:
-            await in_thread(ConnectionPool.put, target, login)
+            keep = self.options.connection_persist
+            await in_thread(ConnectionPool.put, target, login, keep)
 
     def release_after(self, work: Future[Any], then: Callable[[], None] | None = None) -> None:
         """Give the connections back once ``work`` (a thread using them) has ended."""
         node, node_target_ = self.conn, self.target
         login, login_target = self.login, self.login_target
+        keep = self.options.connection_persist
         self.conn = self.target = self.login = None
         if then is not None:
             then()
@@ -134,6 +136,6 @@ class HostConnections:
             if node is not None and node_target_ is not None and node is not login:
                 ConnectionPool.put(node_target_, node)
             if login is not None and login_target is not None:
-                ConnectionPool.put(login_target, login)
+                ConnectionPool.put(login_target, login, keep)
 
         work.add_done_callback(lambda done: SSH_EXECUTOR.submit(release, done))

@@ -14,7 +14,6 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.launcher import launch_kernel
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import List, Unicode
 
 from ..errors import KernelCommandError, LaunchTimeout
 from ..launchers.wrapper import (
@@ -46,7 +45,7 @@ from .local_sockets import (
     wait_for_sockets,
     writes_back_ports,
 )
-from .options import LaunchPlan, WrapperOptions
+from .options import LaunchPlan, WrapperOptions, list_trait, str_trait
 from .remote_options import LoginNodeSlurmOptions
 
 # How long a wrapper that reported failure may take to exit before it is killed.
@@ -63,18 +62,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
     provisioner_name = "nersc-local"
 
     # Used only with `slurm`: the ssh from this (login) node into the job's node.
-    identity_file = Unicode(
-        help="With slurm: the key for the ssh into the job's node ('' : ~/.ssh/config, "
-        "else ssh's default keys)."
-    ).tag(config=True)
-    known_hosts = List(
-        Unicode(),
-        help="With slurm: known_hosts files for the job's nodes (default ~/.ssh/known_hosts; "
-        "/etc/ssh/ssh_known_hosts is always read).",
-    ).tag(config=True)
-    ssh_config = Unicode(
-        "~/.ssh/config", help="With slurm: ssh config file to honour for the job's nodes."
-    ).tag(config=True)
+    identity_file = str_trait("identity_file", node=True)
+    known_hosts = list_trait("known_hosts", node=True)
+    ssh_config = str_trait("ssh_config", node=True)
 
     _setup: EnvironmentSetup | None = None
     #: With ``slurm``: the kernel runs in a job step, and these are its parts and

@@ -54,6 +54,7 @@ class RemoteOptions(WrapperOptions):
     remote_cwd = str_trait("remote_cwd")
     lease_timeout = int_trait("lease_timeout")
     reconnect_grace = float_trait("reconnect_grace")
+    connection_persist = float_trait("connection_persist")
     data_path = choice_trait("data_path")
 
     @default("host")
@@ -68,6 +69,13 @@ class RemoteOptions(WrapperOptions):
                 f"host must be a host name, an address or an ssh config alias, not {value!r} "
                 "(give the user and port as `user` and `port`)"
             )
+        return value
+
+    @validate("connection_persist")
+    def _check_persist(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if value < 0:
+            raise TraitError(f"connection_persist must be 0 or more seconds, not {value:g}")
         return value
 
     @validate("lease_timeout")
