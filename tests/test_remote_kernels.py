@@ -293,7 +293,8 @@ async def test_a_new_kernel_after_a_shutdown_needs_no_second_login(
     first = await start_kernel(config, name="first", provisioner="nersc-cori")
     conn = first.provisioner.connection  # type: ignore[union-attr]
     await first.shutdown_kernel()
-    assert conn is not None and conn.connected  # kept, with no kernel
+    assert conn is not None
+    assert conn.connected  # kept, with no kernel
     assert ConnectionPool.count() == 1
     second = await start_kernel(config, name="second", provisioner="nersc-cori")
     assert second.provisioner.connection is conn  # type: ignore[union-attr]
