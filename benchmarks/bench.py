@@ -31,6 +31,8 @@ import psutil
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from nersc_provisioner.transports.connection import ConnectionPool
+
 ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MODULEFILE = 'setenv("NERSC_BENCH_MODULE", "1")\n'
 RESULTS = Path(__file__).parent / "results"
@@ -160,10 +162,17 @@ async def measure_all(
     def add(label: str, figure: str, value: float) -> None:
         samples[label].setdefault(figure, []).append(value)
 
-    for _ in range(starts):  # cold: no other kernel, so a remote start logs in first
+    for _ in range(starts):
         for label, name in names.items():
+            # cold: no other kernel and no connection kept, so a remote start logs in first
+            await asyncio.to_thread(ConnectionPool.close_idle)
             km, kc, elapsed = await started(name)
             add(label, "start_cold_s", elapsed)
+            kc.stop_channels()
+            await km.shutdown_kernel()
+            # after a shutdown: no other kernel, the connection kept (connection_persist)
+            km, kc, elapsed = await started(name)
+            add(label, "start_after_shutdown_s", elapsed)
             kc.stop_channels()
             await km.shutdown_kernel()
 
@@ -209,6 +218,7 @@ async def measure_all(
             await km.shutdown_kernel()
     order = (
         "start_cold_s",
+        "start_after_shutdown_s",
         "start_s",
         "round_trip_ms",
         "iopub_MB_per_s",
@@ -375,6 +385,7 @@ def targets(
         if not slurm:  # a Slurm start includes sbatch and the queue wait
             for figure, label, allowance in (
                 ("start_s", "warm start", 0.25),
+                ("start_after_shutdown_s", "start after a shutdown", 0.25),
                 ("start_cold_s", "cold start", 0.5),
             ):
                 extra = med(row, figure) - med(BASELINE, figure)
