@@ -1,7 +1,7 @@
 """The package's structure, as docs/how-it-works.md draws it: imports go one way.
 
 Layers, lowest first: the leaves (errors, shell, settings, settings_registry, systems), then
-transports, launchers and slurm (none imports another layer's provisioners), then
+transports, session, launchers and slurm (none imports another layer's provisioners), then
 provisioners, then the user-facing modules (kernelspec, diagnostics, cli).  Every
 import inside the package is counted, those inside functions too.
 """
@@ -17,10 +17,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nersc_provisioner"
 LAYERS = {
     "base": set(),
     "transports": {"base"},
+    "session": {"base"},  # beside transports: the session layer (its relay ships as source)
     "launchers": {"base"},
     "slurm": {"base", "transports", "launchers"},
-    "provisioners": {"base", "transports", "launchers", "slurm"},
-    "front": {"base", "transports", "launchers", "slurm", "provisioners"},
+    "provisioners": {"base", "transports", "session", "launchers", "slurm"},
+    "front": {"base", "transports", "session", "launchers", "slurm", "provisioners"},
 }
 BASE = {"errors", "shell", "settings", "settings_registry", "systems"}
 FRONT = {"kernelspec", "diagnostics", "cli", "hostops", "__init__", "__main__"}

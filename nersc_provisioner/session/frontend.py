@@ -1,0 +1,136 @@
+"""The five sockets that Jupyter's clients connect to, on the Jupyter side.
+
+ROUTER for shell, control and stdin (a reply goes back to the client whose identity
+leads it), PUB for IOPub, ROUTER for the heartbeat (it answers like REP, but may also
+stay silent).  Either TCP on 127.0.0.1 with CurveZMQ (the server keys are the kernel
+manager's, so its clients connect unchanged), or IPC in a private directory: other
+users of the Jupyter host can neither read nor drive them.  They are bound once and
+keep their ports (or paths) across reconnects and kernel restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Mapping
+
+import zmq
+
+from .protocol import CONTROL, IOPUB, SHELL, STDIN
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+#: The channel each port carries ("hb" is answered here).
+PORT_CHANNELS = {
+    "shell_port": SHELL,
+    "control_port": CONTROL,
+    "stdin_port": STDIN,
+    "iopub_port": IOPUB,
+}
+#: In a private directory the sockets are ``{dir}/k-1`` .. ``k-5`` (ZeroMQ's IPC
+#: endpoints are ``ipc://{ip}-{port}``), as the tunnel's are.
+IPC_STEM = "k"
+IPC_PORTS = {name: index for index, name in enumerate(PORT_NAMES, start=1)}
+
+_context: zmq.Context[zmq.Socket[bytes]] | None = None
+_context_lock = threading.Lock()
+
+
+def shared_context() -> zmq.Context[zmq.Socket[bytes]]:
+    """One ZeroMQ context for every local end of the process (one I/O thread)."""
+    global _context
+    with _context_lock:
+        if _context is None or _context.closed:
+            _context = zmq.Context()
+        return _context
+
+
+def _key(value: str | bytes) -> bytes:
+    key = value.encode("ascii") if isinstance(value, str) else value
+    if len(key) != 40:
+        raise ValueError("CurveZMQ keys are 40 characters of Z85")
+    return key
+
+
+def check_private_dir(directory: str) -> None:
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(f"{directory} is not a directory of this user")
+    if info.st_mode & 0o077:
+        raise PermissionError(f"{directory} is open to others (mode {info.st_mode & 0o777:o})")
+
+
+class Frontend:
+    """The bound sockets and their addresses."""
+
+    def __init__(
+        self,
+        *,
+        curve_keys: tuple[str | bytes, str | bytes] | None = None,
+        ipc_dir: str | None = None,
+        ports: Mapping[str, int] | None = None,
+    ) -> None:
+        if (curve_keys is None) == (ipc_dir is None):
+            raise ValueError("give curve_keys (TCP on 127.0.0.1) or ipc_dir, not both or neither")
+        self.ipc_dir = ipc_dir
+        self.curve = (_key(curve_keys[0]), _key(curve_keys[1])) if curve_keys else None
+        if ipc_dir is not None:
+            check_private_dir(ipc_dir)
+            self.transport, self.ip = "ipc", os.path.join(ipc_dir, IPC_STEM)
+            wanted = dict(IPC_PORTS)
+        else:
+            self.transport, self.ip = "tcp", "127.0.0.1"
+            wanted = dict.fromkeys(PORT_NAMES, 0)
+        wanted.update(ports or {})
+        self.ports: dict[str, int] = {}
+        self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        try:
+            for name in PORT_NAMES:
+                self._bind(name, wanted[name])
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self, name: str, port: int) -> None:
+        kind = zmq.PUB if name == "iopub_port" else zmq.ROUTER
+        sock: zmq.Socket[bytes] = shared_context().socket(kind)
+        self.sockets[name] = sock
+        sock.linger = 0
+        sock.sndhwm = 0  # a slow client gets everything late rather than not at all
+        sock.rcvhwm = 0
+        if self.curve is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = self.curve
+        if self.transport == "ipc":
+            sock.bind(self.address(name, port))
+            self.ports[name] = port
+        else:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.ports[name] = int(endpoint.rsplit(":", 1)[1])
+
+    def address(self, name: str, port: int | None = None) -> str:
+        port = self.ports[name] if port is None else port
+        if self.transport == "ipc":
+            return f"ipc://{self.ip}-{port}"
+        return f"tcp://127.0.0.1:{port}"
+
+    def connection_info(self) -> dict[str, object]:
+        return {"transport": self.transport, "ip": self.ip, **self.ports}
+
+    def restore(self) -> None:
+        """Bind again the IPC sockets whose files were removed (jupyter_client removes
+        a kernel's IPC files at a restart; the clients reconnect to the same paths)."""
+        if self.transport != "ipc":
+            return
+        for name, sock in self.sockets.items():
+            if not os.path.exists(f"{self.ip}-{self.ports[name]}"):
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.unbind(self.address(name))
+                sock.bind(self.address(name))
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.sockets = {}

@@ -1,0 +1,493 @@
+"""The Jupyter side of a session: five local sockets, one stream to the relay.
+
+A :class:`LocalEnd` runs in a thread of its own in the Jupyter server's process (it
+never blocks an asyncio loop).  Jupyter's clients connect to its sockets
+(:mod:`.frontend`); it carries their requests to the relay over a stream that the
+caller opens (``open_stream()``: a paramiko ``direct-tcpip`` channel, or a socket),
+and the kernel's replies and output back.  When the stream dies it opens another;
+nothing in flight is lost, nothing is delivered twice (:class:`~.protocol.Link`).
+
+The heartbeat is answered here: while a session is up, and for ``hb_grace`` seconds
+while it reconnects, so that a frontend does not declare the kernel dead during a
+network blip.  Not after that, nor once the relay has said that the kernel ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .connector import LinkDown, Opened, Stream, StreamOpener, open_session
+from .frontend import PORT_CHANNELS, Frontend
+from .protocol import AuthError, Delivery, Link, Notice, ProtocolError, SendBuffer
+
+log = logging.getLogger("nersc_provisioner.session")
+
+#: Default heartbeat grace: a 30 s Wi-Fi blip, plus the SSH connection's own time to
+#: notice it (keepalives every 10 s) and to come back (its reconnect backoff).
+DEFAULT_HB_GRACE = 60.0
+READ_SIZE = 256 * 1024
+RETRY_DOWN = 0.1  # open_stream() said the link is down: ask again this soon
+RETRY_MAX = 2.0  # after errors (refused, failed handshake), back off up to this
+WRITE_RETRY = 0.005  # a channel whose window is full cannot wake us; retry this often
+
+_connectors: ThreadPoolExecutor | None = None
+_connectors_lock = threading.Lock()
+
+
+def _connector_pool() -> ThreadPoolExecutor:
+    """Workers that open streams and run handshakes, shared by all local ends."""
+    global _connectors
+    with _connectors_lock:
+        if _connectors is None:
+            _connectors = ThreadPoolExecutor(max_workers=8, thread_name_prefix="npr-session-open")
+        return _connectors
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    connected: bool
+    #: Authenticated streams so far (the first one included).
+    sessions: int
+    kernel_exited: bool
+    heartbeat_answered: bool
+    #: Requests not yet acknowledged by the relay (and their bytes).
+    unacknowledged: int
+    unacknowledged_bytes: int
+    #: Messages passed on to Jupyter's clients; duplicates dropped on the way.
+    delivered: int
+    duplicates: int
+    #: Output the relay dropped at its bound (as its notices said).
+    dropped_messages: int
+    dropped_bytes: int
+    #: Requests given up at ``new_relay`` (the old kernel never acknowledged them).
+    dropped_at_new_relay: int
+    auth_failures: int
+    stream_errors: int
+    last_error: str
+
+
+class LocalEnd:
+    """One kernel's sockets on the Jupyter side, and its session with the relay.
+
+    ``curve_keys`` (public, secret; the kernel manager's) for TCP on 127.0.0.1, or
+    ``ipc_dir`` (a 0700 directory) for IPC.  ``ports``: the ports (or IPC numbers) to
+    bind; by default free ones.  ``secret``: the relay's, 16 bytes or more.
+    """
+
+    def __init__(
+        self,
+        open_stream: StreamOpener,
+        secret: bytes,
+        *,
+        curve_keys: tuple[str | bytes, str | bytes] | None = None,
+        ipc_dir: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        hb_grace: float = DEFAULT_HB_GRACE,
+        ping_interval: float = 5.0,
+        dead_after: float = 20.0,
+        handshake_timeout: float = 10.0,
+        name: str = "npr-session",
+    ) -> None:
+        self._opener, self._secret = open_stream, bytes(secret)
+        self._frontend_args: dict[str, Any] = {
+            "curve_keys": curve_keys,
+            "ipc_dir": ipc_dir,
+            "ports": ports,
+        }
+        self.hb_grace, self.ping_interval, self.dead_after = hb_grace, ping_interval, dead_after
+        self.handshake_timeout = handshake_timeout
+        self.name = name
+        self._instance = os.urandom(16)
+        self._link = Link(SendBuffer(), resume_on_ack=False)
+        self._frontend: Frontend | None = None
+        self._thread: threading.Thread | None = None
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = -1, -1
+        self._up = threading.Event()
+        self._poller = zmq.Poller()
+        # Loop state (the loop thread's alone).
+        self._stream: Stream | None = None
+        self._stream_fd = -1
+        self._attempt: Future[Opened] | None = None
+        self._attempt_generation = 0
+        self._generation = 0
+        self._retry_at = 0.0
+        self._backoff = RETRY_DOWN
+        self._write_retry_at: float | None = None
+        self._down_since: float | None = time.monotonic()
+        self._last_rx = self._last_tx = 0.0
+        self._pings = 0
+        self._stopping = False
+        self._kernel_exited = False
+        self._counts = dict.fromkeys(
+            ("delivered", "dropped_messages", "dropped_bytes", "dropped_at_new_relay"), 0
+        )
+        self._counts.update(auth_failures=0, stream_errors=0)
+        self._last_error = ""
+
+    # --- the API (any thread) -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the five sockets (errors raise here) and start the thread."""
+        self._frontend = Frontend(**self._frontend_args)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def connection_info(self) -> dict[str, object]:
+        """``transport``, ``ip`` and the five ports, for the kernel manager."""
+        if self._frontend is None:
+            raise RuntimeError("start() the local end first")
+        return self._frontend.connection_info()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self._frontend.ports) if self._frontend else {}
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._up.wait(timeout)
+
+    def stats(self) -> SessionStats:
+        counts = self._counts
+        return SessionStats(
+            connected=self.connected,
+            sessions=self._link.streams,
+            kernel_exited=self._kernel_exited,
+            heartbeat_answered=self._answering(time.monotonic()),
+            unacknowledged=len(self._link.buffer),
+            unacknowledged_bytes=self._link.buffer.nbytes,
+            delivered=counts["delivered"],
+            duplicates=self._link.receiver.duplicates,
+            dropped_messages=counts["dropped_messages"],
+            dropped_bytes=counts["dropped_bytes"],
+            dropped_at_new_relay=counts["dropped_at_new_relay"],
+            auth_failures=counts["auth_failures"],
+            stream_errors=counts["stream_errors"],
+            last_error=self._last_error,
+        )
+
+    def new_relay(self, open_stream: StreamOpener, secret: bytes) -> None:
+        """The kernel was restarted, with a relay of its own: talk to that one.  The old
+        kernel's unacknowledged requests are dropped (counted in the stats)."""
+        self._call(lambda: self._switch_relay(open_stream, bytes(secret)))
+
+    def reconnect_now(self) -> None:
+        """The link is back (say, SSH reconnected): try at once, without back-off."""
+        self._call(self._retry_now)
+
+    def restore_endpoints(self) -> None:
+        """Bind again IPC socket files that were removed (at a restart)."""
+        done = threading.Event()
+
+        def restore() -> None:
+            try:
+                if self._frontend is not None:
+                    self._frontend.restore()
+            finally:
+                done.set()
+
+        self._call(restore)
+        done.wait(5)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the stream and the sockets; end the thread."""
+        if self._thread is None:
+            return
+        self._call(self._request_stop)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _call(self, action: Callable[[], None]) -> None:
+        self._commands.put(action)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        frontend = self._frontend
+        if frontend is None:
+            return
+        poller = self._poller
+        poller.register(self._wake_r, zmq.POLLIN)
+        channels = {}
+        for name, sock in frontend.sockets.items():
+            if name != "iopub_port":
+                poller.register(sock, zmq.POLLIN)
+                channels[sock] = PORT_CHANNELS.get(name, -1)  # -1: the heartbeat
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                self._timers(now)
+                ready = dict(poller.poll(self._timeout(now)))
+                now = time.monotonic()
+                if self._wake_r in ready:
+                    self._run_commands()
+                if self._stream is not None and self._stream_fd in ready:
+                    self._from_stream(now)
+                for sock, channel in channels.items():
+                    if sock in ready:
+                        self._from_clients(sock, channel, now)
+                self._flush(now)
+        except Exception:  # the loop must not die silently: say why, then clean up
+            log.exception("session %s: the local end failed", self.name)
+        finally:
+            self._shutdown()
+
+    def _timeout(self, now: float) -> int:
+        due = [now + 1.0]
+        if self._stream is None and self._attempt is None and not self._kernel_exited:
+            due.append(self._retry_at)
+        if self._stream is not None:
+            due.append(self._last_tx + self.ping_interval)
+            due.append(self._last_rx + self.dead_after)
+        if self._write_retry_at is not None:
+            due.append(self._write_retry_at)
+        return max(0, int((min(due) - now) * 1000) + 1)
+
+    def _timers(self, now: float) -> None:
+        self._collect_attempt(now)
+        if self._stream is None:
+            self._maybe_connect(now)
+            return
+        if now - self._last_rx > self.dead_after:
+            self._end_stream(now, f"no word from the relay for {self.dead_after:.0f} s")
+        elif now - self._last_tx >= self.ping_interval:
+            self._pings += 1
+            self._link.ping(self._pings)
+
+    def _run_commands(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while True:
+            try:
+                action = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            action()
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    def _retry_now(self) -> None:
+        self._retry_at = 0.0
+        self._backoff = RETRY_DOWN
+
+    def _switch_relay(self, open_stream: StreamOpener, secret: bytes) -> None:
+        now = time.monotonic()
+        self._generation += 1
+        self._opener, self._secret = open_stream, secret
+        if self._stream is not None:
+            self._end_stream(now, "a new relay (kernel restart)")
+        self._counts["dropped_at_new_relay"] += self._link.buffer.clear()
+        self._link.receiver.reset()
+        self._link.peer_instance = None
+        self._kernel_exited = False
+        self._down_since = now
+        self._retry_now()
+
+    # --- the stream ---------------------------------------------------------------------
+
+    def _maybe_connect(self, now: float) -> None:
+        if self._attempt is not None or self._kernel_exited or now < self._retry_at:
+            return
+        self._attempt_generation = self._generation
+        attempt = _connector_pool().submit(
+            open_session, self._opener, self._secret, self._instance, self.handshake_timeout
+        )
+        attempt.add_done_callback(lambda _: self._wake())
+        self._attempt = attempt
+
+    def _collect_attempt(self, now: float) -> None:
+        attempt = self._attempt
+        if attempt is None or not attempt.done():
+            return
+        self._attempt = None
+        try:
+            opened = attempt.result()
+        except LinkDown:
+            self._retry_at = now + RETRY_DOWN
+            return
+        except AuthError as exc:
+            self._counts["auth_failures"] += 1
+            self._failed(now, f"refused the relay's port: {exc}")
+            return
+        except (ProtocolError, OSError, EOFError) as exc:  # EOFError: paramiko
+            self._counts["stream_errors"] += 1
+            self._failed(now, f"cannot open a session: {exc.__class__.__name__}: {exc}")
+            return
+        if self._attempt_generation != self._generation or self._stopping:
+            opened.stream.close()  # opened for a relay that has since been replaced
+            self._retry_now()
+            return
+        self._begin(opened, now)
+
+    def _failed(self, now: float, why: str) -> None:
+        if why != self._last_error:
+            log.warning("session %s: %s", self.name, why)
+        self._last_error = why
+        self._retry_at = now + self._backoff
+        self._backoff = min(RETRY_MAX, self._backoff * 2)
+
+    def _begin(self, opened: Opened, now: float) -> None:
+        stream = opened.stream
+        stream.setblocking(False)
+        self._stream, self._stream_fd = stream, stream.fileno()
+        self._poller.register(self._stream_fd, zmq.POLLIN)
+        fresh = self._link.begin(opened.peer_instance)
+        self._last_rx = self._last_tx = now
+        self._down_since = None
+        self._backoff = RETRY_DOWN
+        self._write_retry_at = None
+        self._up.set()
+        log.info("session %s: up (%s)", self.name, "new relay" if fresh else "resumed")
+        if opened.leftover:
+            self._deliver(self._link.feed(opened.leftover))
+
+    def _end_stream(self, now: float, why: str) -> None:
+        stream, self._stream = self._stream, None
+        self._up.clear()
+        self._link.end()
+        self._write_retry_at = None
+        if self._down_since is None:
+            self._down_since = now
+        self._last_error = why
+        self._retry_at = now  # open_stream() says quickly whether the link is down
+        if stream is not None:
+            with contextlib.suppress(KeyError, zmq.ZMQError):
+                self._poller.unregister(self._stream_fd)
+            with contextlib.suppress(Exception):
+                stream.close()
+        log.info("session %s: down (%s)", self.name, why)
+
+    def _from_stream(self, now: float) -> None:
+        stream = self._stream
+        for _ in range(16):
+            if stream is None or self._stream is not stream:
+                return
+            try:
+                data = stream.recv(READ_SIZE)
+            except (BlockingIOError, TimeoutError):
+                return
+            except Exception as exc:  # a socket's OSError; paramiko's EOFError, SSHException
+                self._end_stream(now, f"stream lost: {exc.__class__.__name__}: {exc}")
+                return
+            if not data:
+                self._end_stream(now, "the relay closed the stream")
+                return
+            self._last_rx = now
+            try:
+                self._deliver(self._link.feed(data))
+            except ProtocolError as exc:
+                self._counts["stream_errors"] += 1
+                self._end_stream(now, f"protocol error: {exc}")
+                return
+
+    def _deliver(self, events: list[Delivery | Notice]) -> None:
+        frontend = self._frontend
+        if frontend is None:
+            return
+        for event in events:
+            if isinstance(event, Delivery):
+                name = next(n for n, c in PORT_CHANNELS.items() if c == event.channel)
+                frontend.sockets[name].send_multipart(event.parts, copy=False)
+                self._counts["delivered"] += 1
+            elif event.info.get("kernel") == "exited":
+                self._kernel_exited = True
+                log.info("session %s: the relay says the kernel has ended", self.name)
+            elif isinstance(event.info.get("dropped"), dict):
+                self._counts["dropped_messages"] += int(event.info["dropped"].get("messages", 0))
+                self._counts["dropped_bytes"] += int(event.info["dropped"].get("bytes", 0))
+
+    def _flush(self, now: float) -> None:
+        stream = self._stream
+        if stream is None or (self._write_retry_at is not None and now < self._write_retry_at):
+            return
+        self._write_retry_at = None
+        while self._stream is stream:
+            view = self._link.pending()
+            if not view:
+                return
+            try:
+                sent = stream.send(bytes(view))
+            except (BlockingIOError, TimeoutError):
+                sent = 0
+            except Exception as exc:
+                self._end_stream(now, f"stream lost while sending: {exc.__class__.__name__}")
+                return
+            if sent <= 0:  # full: a channel cannot wake us when it drains
+                self._write_retry_at = now + WRITE_RETRY
+                return
+            self._link.wrote(sent)
+            self._last_tx = now
+
+    # --- the clients --------------------------------------------------------------------
+
+    def _from_clients(self, sock: zmq.Socket[bytes], channel: int, now: float) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if channel < 0:  # the heartbeat: echo, while the kernel counts as alive
+                if self._answering(now):
+                    sock.send_multipart(frames, copy=False)
+                continue
+            self._link.send(channel, [frame.buffer for frame in frames])
+
+    def _answering(self, now: float) -> bool:
+        if self._kernel_exited:
+            return False
+        if self._up.is_set():
+            return True
+        down = self._down_since
+        return down is not None and now - down < self.hb_grace
+
+    def _shutdown(self) -> None:
+        if self._stream is not None:
+            self._end_stream(time.monotonic(), "stopped")
+        attempt = self._attempt
+        if attempt is not None:  # a stream still being opened: close it when it is
+            attempt.add_done_callback(_close_opened)
+        if self._frontend is not None:
+            self._frontend.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_w = -1
+
+
+def _close_opened(attempt: Future[Opened]) -> None:
+    with contextlib.suppress(Exception):
+        attempt.result().stream.close()
+
+
+def tcp_opener(host: str, port: int, timeout: float = 5.0) -> StreamOpener:
+    """An ``open_stream`` that connects a plain TCP socket (tests, benchmarks)."""
+
+    def open_stream() -> Stream | None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return open_stream
