@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo bench bench-smoke soak datapath rig rig-down lint typecheck pytest test clean
+.PHONY: venv demo bench bench-smoke soak datapath session-bench rig rig-down lint typecheck pytest test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench-smoke: venv
 	$(BIN)/python benchmarks/soak.py --kernels 2 --minutes 0.25 --drop-every 5
 	$(BIN)/python benchmarks/datapath.py --repeats 1 --round-trips 5
 	$(BIN)/python benchmarks/port_race.py --kernels 3 --runs 1
+	$(BIN)/python benchmarks/session.py --round-trips 5 --megabytes 2 --repeats 1
+
+# What the session layer costs, on a local kernel (direct, and through relay + local end).
+session-bench: venv
+	$(BIN)/python benchmarks/session.py
 
 # One remote kernel reached four ways (our tunnel, OpenSSH -L, direct with and without CurveZMQ).
 datapath: venv
@@ -51,7 +56,10 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
-	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py benchmarks/port_race.py
+	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py benchmarks/port_race.py benchmarks/session.py
+	# The relay's program as it is shipped (protocol.py + relay.py, one text) is checked too.
+	$(BIN)/python -c 'import sys; from nersc_provisioner.session import relay_program; sys.stdout.write(relay_program("relay.json"))' > $(VENV)/npr_relay_program.py
+	$(BIN)/mypy --strict $(VENV)/npr_relay_program.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -273,7 +273,11 @@ class Ends:
                 src.wrote(len(view))
                 self._receive(dst, data, got)
             if not moved:
-                return False
+                waiting = [end for end in (self.relay, self.local) if end.ack_waiting]
+                if not waiting:
+                    return False
+                for end in waiting:  # the ACK timer fires
+                    end.ack_soon()
 
     @staticmethod
     def _receive(dst: Link, data: bytes, got: list[bytes]) -> None:

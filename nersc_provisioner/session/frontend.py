@@ -1,10 +1,11 @@
 """The five sockets that Jupyter's clients connect to, on the Jupyter side.
 
 ROUTER for shell, control and stdin (a reply goes back to the client whose identity
-leads it), PUB for IOPub, ROUTER for the heartbeat (it answers like REP, but may also
-stay silent).  Either TCP on 127.0.0.1 with CurveZMQ (the server keys are the kernel
-manager's, so its clients connect unchanged), or IPC in a private directory: other
-users of the Jupyter host can neither read nor drive them.  They are bound once and
+leads it), XPUB for IOPub (a PUB that also says when a subscriber comes and goes),
+ROUTER for the heartbeat (it answers like REP, but may also stay silent).  Either TCP
+on 127.0.0.1 with CurveZMQ (the server keys are the kernel manager's, so its clients
+connect unchanged), or IPC in a private directory: other users of the Jupyter host can
+neither read nor drive them.  They are bound once and
 keep their ports (or paths) across reconnects and kernel restarts.
 """
 
@@ -93,7 +94,7 @@ class Frontend:
             raise
 
     def _bind(self, name: str, port: int) -> None:
-        kind = zmq.PUB if name == "iopub_port" else zmq.ROUTER
+        kind = zmq.XPUB if name == "iopub_port" else zmq.ROUTER
         sock: zmq.Socket[bytes] = shared_context().socket(kind)
         self.sockets[name] = sock
         sock.linger = 0

@@ -7,6 +7,10 @@ caller opens (``open_stream()``: a paramiko ``direct-tcpip`` channel, or a socke
 and the kernel's replies and output back.  When the stream dies it opens another;
 nothing in flight is lost, nothing is delivered twice (:class:`~.protocol.Link`).
 
+IOPub messages that arrive while no client subscribes (a Jupyter server that has just
+reattached, before its first client connects) are held, up to ``hold_bytes``, and
+published when one does, instead of being published to no one.
+
 The heartbeat is answered here: while a session is up, and for ``hb_grace`` seconds
 while it reconnects, so that a frontend does not declare the kernel dead during a
 network blip.  Not after that, nor once the relay has said that the kernel ended.
@@ -21,6 +25,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +35,16 @@ import zmq
 
 from .connector import LinkDown, Opened, Stream, StreamOpener, open_session
 from .frontend import PORT_CHANNELS, Frontend
-from .protocol import AuthError, Delivery, Link, Notice, ProtocolError, SendBuffer
+from .protocol import (
+    ACK_DELAY,
+    IOPUB,
+    AuthError,
+    Delivery,
+    Link,
+    Notice,
+    ProtocolError,
+    SendBuffer,
+)
 
 log = logging.getLogger("nersc_provisioner.session")
 
@@ -41,6 +55,8 @@ READ_SIZE = 256 * 1024
 RETRY_DOWN = 0.1  # open_stream() said the link is down: ask again this soon
 RETRY_MAX = 2.0  # after errors (refused, failed handshake), back off up to this
 WRITE_RETRY = 0.005  # a channel whose window is full cannot wake us; retry this often
+HEARTBEAT = -1  # (not a protocol channel: answered here)
+DEFAULT_HOLD_BYTES = 64 * 1024 * 1024
 
 _connectors: ThreadPoolExecutor | None = None
 _connectors_lock = threading.Lock()
@@ -73,6 +89,9 @@ class SessionStats:
     dropped_bytes: int
     #: Requests given up at ``new_relay`` (the old kernel never acknowledged them).
     dropped_at_new_relay: int
+    #: IOPub messages held for want of a subscriber; and those dropped past hold_bytes.
+    iopub_held: int
+    iopub_held_dropped: int
     auth_failures: int
     stream_errors: int
     last_error: str
@@ -98,6 +117,7 @@ class LocalEnd:
         ping_interval: float = 5.0,
         dead_after: float = 20.0,
         handshake_timeout: float = 10.0,
+        hold_bytes: int = DEFAULT_HOLD_BYTES,
         name: str = "npr-session",
     ) -> None:
         self._opener, self._secret = open_stream, bytes(secret)
@@ -108,6 +128,7 @@ class LocalEnd:
         }
         self.hb_grace, self.ping_interval, self.dead_after = hb_grace, ping_interval, dead_after
         self.handshake_timeout = handshake_timeout
+        self.hold_bytes = hold_bytes
         self.name = name
         self._instance = os.urandom(16)
         self._link = Link(SendBuffer(), resume_on_ack=False)
@@ -126,14 +147,19 @@ class LocalEnd:
         self._retry_at = 0.0
         self._backoff = RETRY_DOWN
         self._write_retry_at: float | None = None
+        self._ack_at: float | None = None
         self._down_since: float | None = time.monotonic()
         self._last_rx = self._last_tx = 0.0
         self._pings = 0
         self._stopping = False
         self._kernel_exited = False
+        self._subscriptions: set[bytes] = set()
+        self._held: deque[list[memoryview]] = deque()
+        self._held_bytes = 0
         self._counts = dict.fromkeys(
             ("delivered", "dropped_messages", "dropped_bytes", "dropped_at_new_relay"), 0
         )
+        self._counts.update(held_dropped=0)
         self._counts.update(auth_failures=0, stream_errors=0)
         self._last_error = ""
 
@@ -178,6 +204,8 @@ class LocalEnd:
             dropped_messages=counts["dropped_messages"],
             dropped_bytes=counts["dropped_bytes"],
             dropped_at_new_relay=counts["dropped_at_new_relay"],
+            iopub_held=len(self._held),
+            iopub_held_dropped=counts["held_dropped"],
             auth_failures=counts["auth_failures"],
             stream_errors=counts["stream_errors"],
             last_error=self._last_error,
@@ -232,9 +260,8 @@ class LocalEnd:
         poller.register(self._wake_r, zmq.POLLIN)
         channels = {}
         for name, sock in frontend.sockets.items():
-            if name != "iopub_port":
-                poller.register(sock, zmq.POLLIN)
-                channels[sock] = PORT_CHANNELS.get(name, -1)  # -1: the heartbeat
+            poller.register(sock, zmq.POLLIN)  # (IOPub's XPUB: subscriptions)
+            channels[sock] = PORT_CHANNELS.get(name, HEARTBEAT)
         try:
             while not self._stopping:
                 now = time.monotonic()
@@ -263,6 +290,8 @@ class LocalEnd:
             due.append(self._last_rx + self.dead_after)
         if self._write_retry_at is not None:
             due.append(self._write_retry_at)
+        if self._ack_at is not None:
+            due.append(self._ack_at)
         return max(0, int((min(due) - now) * 1000) + 1)
 
     def _timers(self, now: float) -> None:
@@ -270,6 +299,9 @@ class LocalEnd:
         if self._stream is None:
             self._maybe_connect(now)
             return
+        if self._ack_at is not None and now >= self._ack_at:
+            self._ack_at = None
+            self._link.ack_soon()
         if now - self._last_rx > self.dead_after:
             self._end_stream(now, f"no word from the relay for {self.dead_after:.0f} s")
         elif now - self._last_tx >= self.ping_interval:
@@ -368,7 +400,7 @@ class LocalEnd:
         stream, self._stream = self._stream, None
         self._up.clear()
         self._link.end()
-        self._write_retry_at = None
+        self._write_retry_at = self._ack_at = None
         if self._down_since is None:
             self._down_since = now
         self._last_error = why
@@ -402,6 +434,8 @@ class LocalEnd:
                 self._counts["stream_errors"] += 1
                 self._end_stream(now, f"protocol error: {exc}")
                 return
+            if self._ack_at is None and self._link.ack_waiting:
+                self._ack_at = now + ACK_DELAY
 
     def _deliver(self, events: list[Delivery | Notice]) -> None:
         frontend = self._frontend
@@ -409,9 +443,12 @@ class LocalEnd:
             return
         for event in events:
             if isinstance(event, Delivery):
+                self._counts["delivered"] += 1
+                if event.channel == IOPUB and not self._subscriptions:
+                    self._hold(event.parts)
+                    continue
                 name = next(n for n, c in PORT_CHANNELS.items() if c == event.channel)
                 frontend.sockets[name].send_multipart(event.parts, copy=False)
-                self._counts["delivered"] += 1
             elif event.info.get("kernel") == "exited":
                 self._kernel_exited = True
                 log.info("session %s: the relay says the kernel has ended", self.name)
@@ -449,11 +486,32 @@ class LocalEnd:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if channel < 0:  # the heartbeat: echo, while the kernel counts as alive
+            if channel == HEARTBEAT:  # echo, while the kernel counts as alive
                 if self._answering(now):
                     sock.send_multipart(frames, copy=False)
-                continue
-            self._link.send(channel, [frame.buffer for frame in frames])
+            elif channel == IOPUB:
+                self._subscription(sock, frames[0].bytes)
+            else:
+                self._link.send(channel, [frame.buffer for frame in frames])
+
+    def _subscription(self, sock: zmq.Socket[bytes], event: bytes) -> None:
+        """XPUB says a topic gained its first subscriber (1) or lost its last (0)."""
+        if event[:1] == b"\x01":
+            self._subscriptions.add(event[1:])
+            while self._held:
+                parts = self._held.popleft()
+                sock.send_multipart(parts, copy=False)
+            self._held_bytes = 0
+        elif event[:1] == b"\x00":
+            self._subscriptions.discard(event[1:])
+
+    def _hold(self, parts: list[memoryview]) -> None:
+        self._held.append(parts)
+        self._held_bytes += sum(len(p) for p in parts)
+        while self._held_bytes > self.hold_bytes and len(self._held) > 1:
+            dropped = self._held.popleft()
+            self._held_bytes -= sum(len(p) for p in dropped)
+            self._counts["held_dropped"] += 1
 
     def _answering(self, now: float) -> bool:
         if self._kernel_exited:

@@ -99,7 +99,7 @@ class AuthError(ProtocolError):
 
 class Frame(NamedTuple):
     kind: int
-    body: bytes
+    body: memoryview
 
 
 class Data(NamedTuple):
@@ -126,7 +126,7 @@ def encode_data(seq: int, channel: int, parts: Sequence[Buffer]) -> bytes:
     return b"".join([FRAME_HEADER.pack(total, DATA), head, *parts])
 
 
-def decode_data(body: bytes) -> Data:
+def decode_data(body: Buffer) -> Data:
     """A DATA frame's body; the parts are views into ``body`` (no copy)."""
     try:
         seq, channel, n = DATA_HEAD.unpack_from(body, 0)
@@ -148,7 +148,7 @@ def encode_u64(kind: int, value: int) -> bytes:
     return encode_frame(kind, U64.pack(value))
 
 
-def decode_u64(body: bytes) -> int:
+def decode_u64(body: Buffer) -> int:
     if len(body) != U64.size:
         raise ProtocolError("malformed ACK/PING/PONG frame")
     value: int = U64.unpack(body)[0]
@@ -159,9 +159,9 @@ def encode_notice(info: dict[str, Any]) -> bytes:
     return encode_frame(NOTICE, json.dumps(info, sort_keys=True).encode())
 
 
-def decode_notice(body: bytes) -> dict[str, Any]:
+def decode_notice(body: Buffer) -> dict[str, Any]:
     try:
-        info = json.loads(body.decode())
+        info = json.loads(bytes(body).decode())
     except ValueError:
         raise ProtocolError("malformed NOTICE frame") from None
     if not isinstance(info, dict):
@@ -170,30 +170,64 @@ def decode_notice(body: bytes) -> dict[str, Any]:
 
 
 class FrameReader:
-    """Cuts a byte stream into frames; refuses bodies over ``max_body``."""
+    """Cuts a byte stream into frames; refuses bodies over ``max_body``.
+
+    A frame that lies within one chunk of what was read is a view into it (no copy);
+    one that spans chunks is joined once."""
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self.max_body = max_body
-        self._buf = bytearray()
+        self._chunks: deque[memoryview] = deque()
+        self._size = 0
 
     def feed(self, data: Buffer) -> None:
-        self._buf += data
+        if len(data):
+            self._chunks.append(memoryview(data).cast("B"))
+            self._size += len(data)
 
     def next(self) -> Frame | None:
         """The next complete frame, or None until more bytes arrive."""
-        buf = self._buf
-        if len(buf) < FRAME_HEADER.size:
+        if self._size < FRAME_HEADER.size:
             return None
-        length, kind = FRAME_HEADER.unpack_from(buf, 0)
+        length, kind = FRAME_HEADER.unpack(self._peek(FRAME_HEADER.size))
         if length > self.max_body:
             raise ProtocolError(f"a frame of {length} bytes (at most {self.max_body} here)")
-        end = FRAME_HEADER.size + length
-        if len(buf) < end:
+        if self._size < FRAME_HEADER.size + length:
             return None
-        with memoryview(buf) as view:
-            body = bytes(view[FRAME_HEADER.size : end])
-        del buf[:end]
-        return Frame(kind, body)
+        self._take(FRAME_HEADER.size)
+        return Frame(kind, self._take(length))
+
+    def _peek(self, count: int) -> bytes:
+        head = self._chunks[0]
+        if len(head) >= count:
+            return bytes(head[:count])
+        out = b""
+        for chunk in self._chunks:
+            out += bytes(chunk[: count - len(out)])
+            if len(out) == count:
+                break
+        return out
+
+    def _take(self, count: int) -> memoryview:
+        if count == 0:
+            return memoryview(b"")
+        self._size -= count
+        head = self._chunks[0]
+        if len(head) >= count:
+            if len(head) == count:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[count:]
+            return head[:count]
+        parts = []
+        while count:
+            head = self._chunks.popleft()
+            if len(head) > count:
+                self._chunks.appendleft(head[count:])
+                head = head[:count]
+            parts.append(head)
+            count -= len(head)
+        return memoryview(b"".join(parts))
 
     def frames(self, data: Buffer = b"") -> list[Frame]:
         self.feed(data)
@@ -206,8 +240,9 @@ class FrameReader:
 
     def remainder(self) -> bytes:
         """The bytes not yet cut into frames (handed on after a handshake)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
+        rest = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
         return rest
 
 
@@ -526,6 +561,12 @@ class Notice(NamedTuple):
 WIRE_CHUNK = 256 * 1024
 #: Writes smaller than this are joined with the next ones.
 COALESCE = 64 * 1024
+#: An ACK goes out at once after this much (or a resume, a duplicate, a PING);
+#: otherwise it waits up to ACK_DELAY seconds (the I/O loop's timer, see
+#: :meth:`Link.ack_soon`), so that one ACK covers a burst and wakes the peer once.
+ACK_EVERY_BYTES = 1024 * 1024
+ACK_EVERY_MESSAGES = 64
+ACK_DELAY = 0.02
 
 
 class Link:
@@ -554,7 +595,10 @@ class Link:
         self._reader = FrameReader()
         self._queue: deque[memoryview] = deque()
         self._control: list[bytes] = []
-        self._ack_due = False
+        self._ack_due = False  # something arrived that the peer does not know we have
+        self._ack_now = False  # ... and the ACK goes out with the next write
+        self._unacked_bytes = 0
+        self._unacked_messages = 0
 
     def begin(self, peer_instance: bytes) -> bool:
         """A new authenticated stream; True if the peer is another instance than before
@@ -570,7 +614,7 @@ class Link:
         self._control.clear()
         self.buffer.rewind()
         self._awaiting_resume = self.resume_on_ack
-        self._ack_due = True  # the first frame says where the peer should resume
+        self._ack_due = self._ack_now = True  # the first frame: where the peer resumes
         return fresh
 
     def end(self) -> None:
@@ -589,14 +633,24 @@ class Link:
             kind = frame.kind
             if kind == DATA:
                 message = decode_data(frame.body)
+                self._ack_due = True
+                self._unacked_bytes += len(frame.body)
+                self._unacked_messages += 1
                 if self.receiver.accept(message.seq):
                     events.append(Delivery(message.channel, message.parts))
-                self._ack_due = True
+                else:
+                    self._ack_now = True  # the peer resends what we have: tell it now
+                if (
+                    self._unacked_bytes >= ACK_EVERY_BYTES
+                    or self._unacked_messages >= ACK_EVERY_MESSAGES
+                ):
+                    self._ack_now = True
             elif kind == ACK:
                 self.buffer.ack(decode_u64(frame.body))
                 self._awaiting_resume = False
             elif kind == PING:
                 self._control.append(encode_u64(PONG, decode_u64(frame.body)))
+                self._ack_now = self._ack_due
             elif kind == PONG:
                 self.pongs += 1
             elif kind == NOTICE:
@@ -644,14 +698,23 @@ class Link:
             self._queue[0] = head[count:]
 
     @property
+    def ack_waiting(self) -> bool:
+        """An ACK waits for :meth:`ack_soon` (the I/O loop calls it ACK_DELAY later)."""
+        return self._ack_due and not self._ack_now
+
+    def ack_soon(self) -> None:
+        self._ack_now = self._ack_due
+
+    @property
     def idle(self) -> bool:
-        """Nothing to write and nothing unacknowledged."""
-        return not self._queue and not self._control and not self._ack_due and not self.buffer
+        """Nothing to write, and all we sent is acknowledged."""
+        return not self._queue and not self._control and not self._ack_now and not self.buffer
 
     def _fill(self) -> None:
-        if self._ack_due:
+        if self._ack_now:
             self._control.append(encode_u64(ACK, self.receiver.last))
-            self._ack_due = False
+            self._ack_due = self._ack_now = False
+            self._unacked_bytes = self._unacked_messages = 0
         self._queue.extend(memoryview(frame) for frame in self._control)
         self._control.clear()
         if not self._awaiting_resume:

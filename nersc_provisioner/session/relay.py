@@ -51,6 +51,7 @@ import zmq
 
 # npr: package imports (relay_source() leaves these lines out: protocol's source comes first)
 from .protocol import (
+    ACK_DELAY,
     CONTROL,
     DEFAULT_BUFFER_BYTES,
     DROPPABLE_TYPES,
@@ -327,6 +328,7 @@ class Relay:
         self.pending: dict[int, _Pending] = {}
         self.probe_ids: list[bytes] = []
         self.dead_at: float | None = None
+        self.ack_at: float | None = None
         self.stopping = False
 
     # --- start ---------------------------------------------------------------------
@@ -395,8 +397,14 @@ class Relay:
             if self._finished(now):
                 break
             self._expire_handshakes(now)
-            for target, events in self.poller.poll(int(CHECK_EVERY * 1000)):
+            if self.ack_at is not None and now >= self.ack_at:
+                self.ack_at = None
+                self.link.ack_soon()
+            wait = min(next_check, self.ack_at or next_check) - now
+            for target, events in self.poller.poll(max(1, int(wait * 1000) + 1)):
                 self._on_ready(target, events)
+            if self.ack_at is None and self.link.ack_waiting:
+                self.ack_at = time.monotonic() + ACK_DELAY
             self._flush()
         self.close()
         return 0
