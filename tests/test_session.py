@@ -64,14 +64,15 @@ class Kernel:
     path: Path
 
 
-def start_kernel(tmp: Path) -> Kernel:
+def start_kernel(tmp: Path, key: str = "") -> Kernel:
     """ipykernel with CurveZMQ on ports it picks, as the launch script starts it."""
+    tmp.mkdir(exist_ok=True)
     public, secret = zmq.curve_keypair()
     info: dict[str, Any] = {
         "transport": "tcp",
         "ip": "127.0.0.1",
         **dict.fromkeys(PORTS, 0),
-        "key": uuid.uuid4().hex,
+        "key": key or uuid.uuid4().hex,
         "signature_scheme": "hmac-sha256",
         "kernel_name": "",
         "curve_publickey": public.decode(),
@@ -240,8 +241,11 @@ class Session_:
     relay: Relay
     proxy: Proxy
     local: LocalEnd
+    secret: bytes
     info: dict[str, Any]  # what a client of the local end is given
     clients: list[Any] = field(default_factory=list)
+    #: More of each, made by a test (a restart, a reattach): cleaned up with the rest.
+    others: list[Kernel | Relay | Proxy | LocalEnd] = field(default_factory=list)
 
     def client(self) -> BlockingKernelClient:
         kc = BlockingKernelClient()
@@ -269,9 +273,9 @@ def session(tmp_path: Path) -> Iterator[SessionFactory]:
     made: list[Session_] = []
 
     def make(buffer_bytes: int = 256 * 1024 * 1024, hb_grace: float = 60.0) -> Session_:
-        kernel = start_kernel(tmp_path)
+        kernel = start_kernel(tmp_path / f"kernel-{len(made)}")
         secret = os.urandom(32)
-        relay = start_relay(kernel, tmp_path, secret, buffer_bytes)
+        relay = start_relay(kernel, kernel.path.parent, secret, buffer_bytes)
         proxy = Proxy(relay.port)
         public, private = zmq.curve_keypair()
         local = LocalEnd(proxy.open_stream, secret, curve_keys=(public, private), hb_grace=hb_grace)
@@ -283,7 +287,7 @@ def session(tmp_path: Path) -> Iterator[SessionFactory]:
             "curve_publickey": public.decode(),
             "curve_secretkey": private.decode(),
         }
-        made.append(Session_(kernel, relay, proxy, local, info))
+        made.append(Session_(kernel, relay, proxy, local, secret, info))
         assert local.wait_connected(10), local.stats()
         return made[-1]
 
@@ -292,14 +296,19 @@ def session(tmp_path: Path) -> Iterator[SessionFactory]:
         for kc in s.clients:
             with contextlib.suppress(Exception):
                 kc.stop_channels()
-        s.local.stop()
-        s.proxy.close()
-        for proc in (s.relay.proc, s.kernel.proc):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        if s.relay.proc.stdout is not None:
-            s.relay.proc.stdout.close()
+        parts = [s.local, s.proxy, s.relay, s.kernel, *s.others]
+        for part in parts:
+            if isinstance(part, LocalEnd):
+                part.stop()
+            elif isinstance(part, Proxy):
+                part.close()
+        for part in parts:
+            if isinstance(part, Relay | Kernel):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(part.proc.pid, signal.SIGKILL)
+                part.proc.wait(10)
+                if isinstance(part, Relay) and part.proc.stdout is not None:
+                    part.proc.stdout.close()
 
 
 def collect(
@@ -660,3 +669,104 @@ def test_when_the_kernel_ends_the_relay_says_so_and_exits(session: SessionFactor
     assert stats.kernel_exited
     assert not stats.heartbeat_answered
     assert f"kernel {s.kernel.proc.pid} has ended" in s.relay.log.read_text()
+
+
+def test_a_second_jupyter_process_reattaches_and_gets_the_rest_of_the_output(
+    session: SessionFactory, tmp_path: Path
+) -> None:
+    """The first Jupyter side dies mid-cell; a new one (new sockets, here IPC) connects
+    to the same relay and its client gets the output made in between, once."""
+    s = session()
+    kc = s.client()
+    done = tmp_path / "done"
+    code = (
+        "import time\nprint('start', flush=True)\ntime.sleep(1.0)\n"
+        "for i in range(50):\n    print(f'rest {i}', flush=True)\n"
+        f"open({str(done)!r}, 'w').close()"
+    )
+    msg_id = kc.execute(code)
+    while "start" not in kc.get_iopub_msg(timeout=10)["content"].get("text", ""):
+        pass
+    time.sleep(0.2)  # (its ACK has gone out)
+    s.proxy.cut()  # the first Jupyter process dies: its connection is reset
+    s.local.stop()
+    wait_for_file(done, 30)
+    s.proxy.restore()
+    folder = tmp_path / "ipc"
+    folder.mkdir(mode=0o700)
+    second = LocalEnd(s.proxy.open_stream, s.secret, ipc_dir=str(folder))
+    s.others.append(second)
+    second.start()
+    assert second.wait_connected(10)
+    kc2 = BlockingKernelClient()
+    kc2.load_connection_info(
+        {**second.connection_info(), "key": s.info["key"], "signature_scheme": "hmac-sha256"}  # type: ignore[arg-type]
+    )
+    kc2.start_channels()  # (no wait_for_ready: it would flush IOPub)
+    s.clients.append(kc2)
+    messages = collect(kc2, msg_id)  # held until kc2 subscribed, then published
+    assert stdout_of(messages) == "".join(f"rest {i}\n" for i in range(50))
+    check = kc2.execute("print('same kernel', 'time' in dir())")
+    assert stdout_of(collect(kc2, check)) == "same kernel True\n"
+
+
+def test_a_restarted_kernel_is_reached_through_its_new_relay_on_the_same_ports(
+    session: SessionFactory, tmp_path: Path
+) -> None:
+    s = session()
+    kc = s.client()
+    ports = s.local.ports
+    first = kc.execute("x = 1")
+    collect(kc, first)
+    assert reply_to(kc, first)["content"]["status"] == "ok"
+    os.killpg(s.kernel.proc.pid, signal.SIGKILL)  # the old kernel ends; its relay too
+    assert s.relay.proc.wait(10) == 0
+    kernel = start_kernel(tmp_path / "restarted", key=s.info["key"])
+    secret = os.urandom(32)
+    relay = start_relay(kernel, kernel.path.parent, secret, 256 * 1024 * 1024)
+    proxy = Proxy(relay.port)
+    s.others += [kernel, relay, proxy]
+    s.local.new_relay(proxy.open_stream, secret)
+    msg_id = kc.execute("print('fresh' if 'x' not in dir() else 'old')")
+    assert stdout_of(collect(kc, msg_id)) == "fresh\n"
+    assert reply_to(kc, msg_id)["content"]["status"] == "ok"
+    assert s.local.ports == ports
+    assert not s.local.stats().kernel_exited
+
+
+def test_ipc_sockets_removed_at_a_restart_are_bound_again(tmp_path: Path) -> None:
+    """jupyter_client removes a kernel's IPC files at every restart; the local end's
+    sockets outlive the kernel, so they are bound again at the same paths."""
+    folder = tmp_path / "ipc"
+    folder.mkdir(mode=0o700)
+    local = LocalEnd(lambda: None, os.urandom(32), ipc_dir=str(folder))
+    local.start()
+    try:
+        info = local.connection_info()
+        paths = [Path(f"{info['ip']}-{info[name]}") for name in PORTS]
+        assert all(p.exists() for p in paths)
+        for p in paths:
+            p.unlink()
+        local.restore_endpoints()
+        assert all(p.exists() for p in paths)
+        context: zmq.Context[Any] = zmq.Context()
+        try:  # the heartbeat answers there (within the grace, as no relay was reached)
+            sock = context.socket(zmq.REQ)
+            sock.connect(f"ipc://{info['ip']}-{info['hb_port']}")
+            sock.send(b"ping")
+            assert sock.poll(2000)
+            assert sock.recv() == b"ping"
+            sock.close(linger=0)
+        finally:
+            context.destroy(linger=0)
+    finally:
+        local.stop()
+
+
+def test_sockets_open_to_other_users_are_refused(tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    with pytest.raises(PermissionError, match="open to others"):
+        LocalEnd(lambda: None, os.urandom(32), ipc_dir=str(open_dir)).start()
+    with pytest.raises(ValueError, match="curve_keys"):
+        LocalEnd(lambda: None, os.urandom(32)).start()  # plain TCP: never

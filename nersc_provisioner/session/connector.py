@@ -6,9 +6,12 @@ own loop (``open_stream`` may wait for an SSH channel) and never on an asyncio l
 
 from __future__ import annotations
 
+import contextlib
 import select
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,3 +93,103 @@ def open_session(
     except BaseException:
         stream.close()
         raise
+
+
+RETRY_DOWN = 0.1  # open_stream() said the link is down: ask again this soon
+RETRY_MAX = 2.0  # after errors (refused, failed handshake), back off up to this
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    """Workers that open streams and run handshakes, shared by all local ends."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="npr-session-open")
+        return _pool
+
+
+def _close_opened(attempt: Future[Opened]) -> None:
+    with contextlib.suppress(Exception):
+        attempt.result().stream.close()
+
+
+class Dialer:
+    """One attempt at a time to open a session, on the shared workers, with back-off.
+
+    Owned by one local end's loop (not thread-safe); ``wake`` is called from the
+    worker when an attempt ends."""
+
+    def __init__(
+        self,
+        open_stream: StreamOpener,
+        secret: bytes,
+        *,
+        instance: bytes,
+        timeout: float,
+        wake: Callable[[], None],
+    ) -> None:
+        self._open_stream, self._secret = open_stream, secret
+        self._instance, self._timeout, self._wake = instance, timeout, wake
+        self._attempt: Future[Opened] | None = None
+        self._generation = self._attempt_generation = 0
+        self.retry_at = 0.0
+        self.backoff = RETRY_DOWN
+
+    @property
+    def busy(self) -> bool:
+        return self._attempt is not None
+
+    def switch(self, open_stream: StreamOpener, secret: bytes) -> None:
+        """Another relay from now on; an attempt under way for the old one is discarded."""
+        self._generation += 1
+        self._open_stream, self._secret = open_stream, secret
+        self.retry_now()
+
+    def retry_now(self) -> None:
+        self.retry_at = 0.0
+        self.backoff = RETRY_DOWN
+
+    def back_off(self, now: float) -> None:
+        self.retry_at = now + self.backoff
+        self.backoff = min(RETRY_MAX, self.backoff * 2)
+
+    def dial(self, now: float) -> None:
+        if self._attempt is not None or now < self.retry_at:
+            return
+        self._attempt_generation = self._generation
+        attempt = _workers().submit(
+            open_session, self._open_stream, self._secret, self._instance, self._timeout
+        )
+        attempt.add_done_callback(lambda _: self._wake())
+        self._attempt = attempt
+
+    def result(self, now: float) -> Opened | None:
+        """The opened session, once an attempt has ended; its error re-raised (after
+        scheduling the next attempt); None meanwhile, or when the link was down."""
+        attempt = self._attempt
+        if attempt is None or not attempt.done():
+            return None
+        self._attempt = None
+        try:
+            opened = attempt.result()
+        except LinkDown:
+            self.retry_at = now + RETRY_DOWN
+            return None
+        except Exception:
+            self.back_off(now)
+            raise
+        if self._attempt_generation != self._generation:
+            opened.stream.close()  # opened for a relay that has since been replaced
+            self.retry_now()
+            return None
+        self.backoff = RETRY_DOWN
+        return opened
+
+    def abandon(self) -> None:
+        """Stopping: a stream still being opened is closed when it is."""
+        if self._attempt is not None:
+            self._attempt.add_done_callback(_close_opened)
+            self._attempt = None

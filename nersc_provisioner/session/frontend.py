@@ -15,7 +15,8 @@ import contextlib
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 
 import zmq
 
@@ -33,6 +34,9 @@ PORT_CHANNELS = {
 #: endpoints are ``ipc://{ip}-{port}``), as the tunnel's are.
 IPC_STEM = "k"
 IPC_PORTS = {name: index for index, name in enumerate(PORT_NAMES, start=1)}
+CHANNEL_PORTS = {channel: name for name, channel in PORT_CHANNELS.items()}
+#: IOPub messages kept while no client subscribes, at most this many bytes.
+DEFAULT_HOLD_BYTES = 64 * 1024 * 1024
 
 _context: zmq.Context[zmq.Socket[bytes]] | None = None
 _context_lock = threading.Lock()
@@ -63,7 +67,8 @@ def check_private_dir(directory: str) -> None:
 
 
 class Frontend:
-    """The bound sockets and their addresses."""
+    """The bound sockets and their addresses; IOPub held while no one subscribes
+    (a Jupyter server that has just reattached, before its first client connects)."""
 
     def __init__(
         self,
@@ -71,7 +76,13 @@ class Frontend:
         curve_keys: tuple[str | bytes, str | bytes] | None = None,
         ipc_dir: str | None = None,
         ports: Mapping[str, int] | None = None,
+        hold_bytes: int = DEFAULT_HOLD_BYTES,
     ) -> None:
+        self.hold_bytes = hold_bytes
+        self.subscriptions: set[bytes] = set()
+        self.held: deque[Sequence[memoryview]] = deque()
+        self.held_bytes = 0
+        self.held_dropped = 0
         if (curve_keys is None) == (ipc_dir is None):
             raise ValueError("give curve_keys (TCP on 127.0.0.1) or ipc_dir, not both or neither")
         self.ipc_dir = ipc_dir
@@ -110,6 +121,32 @@ class Frontend:
             sock.bind(f"tcp://127.0.0.1:{port}")
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self.ports[name] = int(endpoint.rsplit(":", 1)[1])
+
+    def send(self, channel: int, parts: Sequence[memoryview]) -> None:
+        """A message from the kernel, to the client its first part names (IOPub: all)."""
+        if channel == IOPUB and not self.subscriptions:
+            self._hold(parts)
+            return
+        self.sockets[CHANNEL_PORTS[channel]].send_multipart(parts, copy=False)
+
+    def subscription(self, event: bytes) -> None:
+        """XPUB says a topic gained its first subscriber (1) or lost its last (0)."""
+        if event[:1] == b"\x01":
+            self.subscriptions.add(event[1:])
+            iopub = self.sockets["iopub_port"]
+            while self.held:
+                iopub.send_multipart(self.held.popleft(), copy=False)
+            self.held_bytes = 0
+        elif event[:1] == b"\x00":
+            self.subscriptions.discard(event[1:])
+
+    def _hold(self, parts: Sequence[memoryview]) -> None:
+        self.held.append(parts)
+        self.held_bytes += sum(len(p) for p in parts)
+        while self.held_bytes > self.hold_bytes and len(self.held) > 1:
+            dropped = self.held.popleft()
+            self.held_bytes -= sum(len(p) for p in dropped)
+            self.held_dropped += 1
 
     def address(self, name: str, port: int | None = None) -> str:
         port = self.ports[name] if port is None else port

@@ -25,16 +25,14 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from .connector import LinkDown, Opened, Stream, StreamOpener, open_session
-from .frontend import PORT_CHANNELS, Frontend
+from .connector import Dialer, Opened, Stream, StreamOpener
+from .frontend import DEFAULT_HOLD_BYTES, PORT_CHANNELS, Frontend
 from .protocol import (
     ACK_DELAY,
     IOPUB,
@@ -52,23 +50,8 @@ log = logging.getLogger("nersc_provisioner.session")
 #: notice it (keepalives every 10 s) and to come back (its reconnect backoff).
 DEFAULT_HB_GRACE = 60.0
 READ_SIZE = 256 * 1024
-RETRY_DOWN = 0.1  # open_stream() said the link is down: ask again this soon
-RETRY_MAX = 2.0  # after errors (refused, failed handshake), back off up to this
 WRITE_RETRY = 0.005  # a channel whose window is full cannot wake us; retry this often
 HEARTBEAT = -1  # (not a protocol channel: answered here)
-DEFAULT_HOLD_BYTES = 64 * 1024 * 1024
-
-_connectors: ThreadPoolExecutor | None = None
-_connectors_lock = threading.Lock()
-
-
-def _connector_pool() -> ThreadPoolExecutor:
-    """Workers that open streams and run handshakes, shared by all local ends."""
-    global _connectors
-    with _connectors_lock:
-        if _connectors is None:
-            _connectors = ThreadPoolExecutor(max_workers=8, thread_name_prefix="npr-session-open")
-        return _connectors
 
 
 @dataclass(frozen=True)
@@ -120,7 +103,8 @@ class LocalEnd:
         hold_bytes: int = DEFAULT_HOLD_BYTES,
         name: str = "npr-session",
     ) -> None:
-        self._opener, self._secret = open_stream, bytes(secret)
+        if len(secret) < 16:
+            raise ValueError("the relay secret must be at least 16 bytes")
         self._frontend_args: dict[str, Any] = {
             "curve_keys": curve_keys,
             "ipc_dir": ipc_dir,
@@ -130,7 +114,13 @@ class LocalEnd:
         self.handshake_timeout = handshake_timeout
         self.hold_bytes = hold_bytes
         self.name = name
-        self._instance = os.urandom(16)
+        self._dialer = Dialer(
+            open_stream,
+            bytes(secret),
+            instance=os.urandom(16),
+            timeout=handshake_timeout,
+            wake=self._wake,
+        )
         self._link = Link(SendBuffer(), resume_on_ack=False)
         self._frontend: Frontend | None = None
         self._thread: threading.Thread | None = None
@@ -141,11 +131,6 @@ class LocalEnd:
         # Loop state (the loop thread's alone).
         self._stream: Stream | None = None
         self._stream_fd = -1
-        self._attempt: Future[Opened] | None = None
-        self._attempt_generation = 0
-        self._generation = 0
-        self._retry_at = 0.0
-        self._backoff = RETRY_DOWN
         self._write_retry_at: float | None = None
         self._ack_at: float | None = None
         self._down_since: float | None = time.monotonic()
@@ -153,13 +138,9 @@ class LocalEnd:
         self._pings = 0
         self._stopping = False
         self._kernel_exited = False
-        self._subscriptions: set[bytes] = set()
-        self._held: deque[list[memoryview]] = deque()
-        self._held_bytes = 0
         self._counts = dict.fromkeys(
             ("delivered", "dropped_messages", "dropped_bytes", "dropped_at_new_relay"), 0
         )
-        self._counts.update(held_dropped=0)
         self._counts.update(auth_failures=0, stream_errors=0)
         self._last_error = ""
 
@@ -167,7 +148,7 @@ class LocalEnd:
 
     def start(self) -> None:
         """Bind the five sockets (errors raise here) and start the thread."""
-        self._frontend = Frontend(**self._frontend_args)
+        self._frontend = Frontend(**self._frontend_args, hold_bytes=self.hold_bytes)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -204,8 +185,8 @@ class LocalEnd:
             dropped_messages=counts["dropped_messages"],
             dropped_bytes=counts["dropped_bytes"],
             dropped_at_new_relay=counts["dropped_at_new_relay"],
-            iopub_held=len(self._held),
-            iopub_held_dropped=counts["held_dropped"],
+            iopub_held=len(self._frontend.held) if self._frontend else 0,
+            iopub_held_dropped=self._frontend.held_dropped if self._frontend else 0,
             auth_failures=counts["auth_failures"],
             stream_errors=counts["stream_errors"],
             last_error=self._last_error,
@@ -218,7 +199,7 @@ class LocalEnd:
 
     def reconnect_now(self) -> None:
         """The link is back (say, SSH reconnected): try at once, without back-off."""
-        self._call(self._retry_now)
+        self._call(self._dialer.retry_now)
 
     def restore_endpoints(self) -> None:
         """Bind again IPC socket files that were removed (at a restart)."""
@@ -283,8 +264,8 @@ class LocalEnd:
 
     def _timeout(self, now: float) -> int:
         due = [now + 1.0]
-        if self._stream is None and self._attempt is None and not self._kernel_exited:
-            due.append(self._retry_at)
+        if self._stream is None and not self._dialer.busy and not self._kernel_exited:
+            due.append(self._dialer.retry_at)
         if self._stream is not None:
             due.append(self._last_tx + self.ping_interval)
             due.append(self._last_rx + self.dead_after)
@@ -297,7 +278,8 @@ class LocalEnd:
     def _timers(self, now: float) -> None:
         self._collect_attempt(now)
         if self._stream is None:
-            self._maybe_connect(now)
+            if not self._kernel_exited:
+                self._dialer.dial(now)
             return
         if self._ack_at is not None and now >= self._ack_at:
             self._ack_at = None
@@ -321,14 +303,9 @@ class LocalEnd:
     def _request_stop(self) -> None:
         self._stopping = True
 
-    def _retry_now(self) -> None:
-        self._retry_at = 0.0
-        self._backoff = RETRY_DOWN
-
     def _switch_relay(self, open_stream: StreamOpener, secret: bytes) -> None:
         now = time.monotonic()
-        self._generation += 1
-        self._opener, self._secret = open_stream, secret
+        self._dialer.switch(open_stream, secret)
         if self._stream is not None:
             self._end_stream(now, "a new relay (kernel restart)")
         self._counts["dropped_at_new_relay"] += self._link.buffer.clear()
@@ -336,50 +313,29 @@ class LocalEnd:
         self._link.peer_instance = None
         self._kernel_exited = False
         self._down_since = now
-        self._retry_now()
 
     # --- the stream ---------------------------------------------------------------------
 
-    def _maybe_connect(self, now: float) -> None:
-        if self._attempt is not None or self._kernel_exited or now < self._retry_at:
-            return
-        self._attempt_generation = self._generation
-        attempt = _connector_pool().submit(
-            open_session, self._opener, self._secret, self._instance, self.handshake_timeout
-        )
-        attempt.add_done_callback(lambda _: self._wake())
-        self._attempt = attempt
-
     def _collect_attempt(self, now: float) -> None:
-        attempt = self._attempt
-        if attempt is None or not attempt.done():
-            return
-        self._attempt = None
         try:
-            opened = attempt.result()
-        except LinkDown:
-            self._retry_at = now + RETRY_DOWN
-            return
+            opened = self._dialer.result(now)
         except AuthError as exc:
             self._counts["auth_failures"] += 1
-            self._failed(now, f"refused the relay's port: {exc}")
+            self._report(f"refused the relay's port: {exc}")
             return
-        except (ProtocolError, OSError, EOFError) as exc:  # EOFError: paramiko
+        except Exception as exc:  # OSError, ProtocolError; paramiko's EOFError, SSHException
             self._counts["stream_errors"] += 1
-            self._failed(now, f"cannot open a session: {exc.__class__.__name__}: {exc}")
+            self._report(f"cannot open a session: {exc.__class__.__name__}: {exc}")
             return
-        if self._attempt_generation != self._generation or self._stopping:
-            opened.stream.close()  # opened for a relay that has since been replaced
-            self._retry_now()
-            return
-        self._begin(opened, now)
+        if opened is not None and self._stopping:
+            opened.stream.close()
+        elif opened is not None:
+            self._begin(opened, now)
 
-    def _failed(self, now: float, why: str) -> None:
+    def _report(self, why: str) -> None:
         if why != self._last_error:
             log.warning("session %s: %s", self.name, why)
         self._last_error = why
-        self._retry_at = now + self._backoff
-        self._backoff = min(RETRY_MAX, self._backoff * 2)
 
     def _begin(self, opened: Opened, now: float) -> None:
         stream = opened.stream
@@ -389,7 +345,6 @@ class LocalEnd:
         fresh = self._link.begin(opened.peer_instance)
         self._last_rx = self._last_tx = now
         self._down_since = None
-        self._backoff = RETRY_DOWN
         self._write_retry_at = None
         self._up.set()
         log.info("session %s: up (%s)", self.name, "new relay" if fresh else "resumed")
@@ -404,7 +359,7 @@ class LocalEnd:
         if self._down_since is None:
             self._down_since = now
         self._last_error = why
-        self._retry_at = now  # open_stream() says quickly whether the link is down
+        self._dialer.retry_at = now  # open_stream() says quickly whether the link is down
         if stream is not None:
             with contextlib.suppress(KeyError, zmq.ZMQError):
                 self._poller.unregister(self._stream_fd)
@@ -433,6 +388,7 @@ class LocalEnd:
             except ProtocolError as exc:
                 self._counts["stream_errors"] += 1
                 self._end_stream(now, f"protocol error: {exc}")
+                self._dialer.back_off(now)  # (it may recur)
                 return
             if self._ack_at is None and self._link.ack_waiting:
                 self._ack_at = now + ACK_DELAY
@@ -444,11 +400,7 @@ class LocalEnd:
         for event in events:
             if isinstance(event, Delivery):
                 self._counts["delivered"] += 1
-                if event.channel == IOPUB and not self._subscriptions:
-                    self._hold(event.parts)
-                    continue
-                name = next(n for n, c in PORT_CHANNELS.items() if c == event.channel)
-                frontend.sockets[name].send_multipart(event.parts, copy=False)
+                frontend.send(event.channel, event.parts)
             elif event.info.get("kernel") == "exited":
                 self._kernel_exited = True
                 log.info("session %s: the relay says the kernel has ended", self.name)
@@ -481,6 +433,9 @@ class LocalEnd:
     # --- the clients --------------------------------------------------------------------
 
     def _from_clients(self, sock: zmq.Socket[bytes], channel: int, now: float) -> None:
+        frontend = self._frontend
+        if frontend is None:
+            return
         for _ in range(1000):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -490,28 +445,9 @@ class LocalEnd:
                 if self._answering(now):
                     sock.send_multipart(frames, copy=False)
             elif channel == IOPUB:
-                self._subscription(sock, frames[0].bytes)
+                frontend.subscription(frames[0].bytes)
             else:
                 self._link.send(channel, [frame.buffer for frame in frames])
-
-    def _subscription(self, sock: zmq.Socket[bytes], event: bytes) -> None:
-        """XPUB says a topic gained its first subscriber (1) or lost its last (0)."""
-        if event[:1] == b"\x01":
-            self._subscriptions.add(event[1:])
-            while self._held:
-                parts = self._held.popleft()
-                sock.send_multipart(parts, copy=False)
-            self._held_bytes = 0
-        elif event[:1] == b"\x00":
-            self._subscriptions.discard(event[1:])
-
-    def _hold(self, parts: list[memoryview]) -> None:
-        self._held.append(parts)
-        self._held_bytes += sum(len(p) for p in parts)
-        while self._held_bytes > self.hold_bytes and len(self._held) > 1:
-            dropped = self._held.popleft()
-            self._held_bytes -= sum(len(p) for p in dropped)
-            self._counts["held_dropped"] += 1
 
     def _answering(self, now: float) -> bool:
         if self._kernel_exited:
@@ -524,20 +460,14 @@ class LocalEnd:
     def _shutdown(self) -> None:
         if self._stream is not None:
             self._end_stream(time.monotonic(), "stopped")
-        attempt = self._attempt
-        if attempt is not None:  # a stream still being opened: close it when it is
-            attempt.add_done_callback(_close_opened)
+        self._dialer.abandon()
         if self._frontend is not None:
             self._frontend.close()
-        for fd in (self._wake_r, self._wake_w):
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1  # (first: no other thread writes to a reused fd)
+        for fd in (wake_r, wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._wake_w = -1
-
-
-def _close_opened(attempt: Future[Opened]) -> None:
-    with contextlib.suppress(Exception):
-        attempt.result().stream.close()
 
 
 def tcp_opener(host: str, port: int, timeout: float = 5.0) -> StreamOpener:
