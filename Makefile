@@ -54,10 +54,10 @@ lint: venv
 	$(BIN)/ruff check nersc_provisioner tests benchmarks scripts/demo.py
 	$(BIN)/ruff format --check nersc_provisioner tests benchmarks scripts/demo.py
 
+# typecheck also checks the relay's program as it is shipped (protocol.py + relay.py as one text).
 typecheck: venv
 	$(BIN)/mypy
 	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py benchmarks/port_race.py benchmarks/session.py
-	# The relay's program as it is shipped (protocol.py + relay.py, one text) is checked too.
 	$(BIN)/python -c 'import sys; from nersc_provisioner.session import relay_program; sys.stdout.write(relay_program("relay.json"))' > $(VENV)/npr_relay_program.py
 	$(BIN)/mypy --strict $(VENV)/npr_relay_program.py
 

@@ -436,7 +436,9 @@ class Relay:
         return delivered or now - self.dead_at > self.settings.exit_linger
 
     def _from_kernel(self, channel: int, sock: zmq.Socket[bytes]) -> None:
-        for _ in range(1000):
+        for count in range(1, 1001):
+            if count % 32 == 0 and self.session is not None:
+                self._flush()  # a burst goes out as it comes: only what waits may be dropped
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
