@@ -770,3 +770,33 @@ def test_sockets_open_to_other_users_are_refused(tmp_path: Path) -> None:
         LocalEnd(lambda: None, os.urandom(32), ipc_dir=str(open_dir)).start()
     with pytest.raises(ValueError, match="curve_keys"):
         LocalEnd(lambda: None, os.urandom(32)).start()  # plain TCP: never
+
+
+def test_a_newer_jupyter_side_takes_the_session_over_and_the_older_steps_aside(
+    session: SessionFactory, tmp_path: Path
+) -> None:
+    """Two Jupyter processes attached to one kernel do not fight over its relay."""
+    s = session()
+    folder = tmp_path / "ipc"
+    folder.mkdir(mode=0o700)
+    second = LocalEnd(s.proxy.open_stream, s.secret, ipc_dir=str(folder))
+    s.others.append(second)
+    second.start()
+    assert second.wait_connected(10)
+    deadline = time.monotonic() + 5  # the relay's farewell, read by the first's thread
+    while not s.local.stats().replaced and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s.local.stats().replaced
+    time.sleep(1.0)  # it does not come back for the session
+    assert not s.local.connected
+    assert second.connected
+    assert second.stats().sessions == 1
+    kc = BlockingKernelClient()
+    kc.load_connection_info(
+        {**second.connection_info(), "key": s.info["key"], "signature_scheme": "hmac-sha256"}  # type: ignore[arg-type]
+    )
+    kc.start_channels()
+    s.clients.append(kc)
+    kc.wait_for_ready(timeout=30)
+    msg_id = kc.execute("print('second')")
+    assert stdout_of(collect(kc, msg_id)) == "second\n"

@@ -38,6 +38,7 @@ from nersc_provisioner.session.protocol import (
     encode_frame,
     message_type,
 )
+from nersc_provisioner.session.protocol import NOTICE as NOTICE_KIND
 
 SECRET = b"s" * 32
 L_ID, R_ID = b"L" * 16, b"R" * 16
@@ -410,3 +411,15 @@ def test_what_is_shipped_to_the_remote_side_imports_only_the_standard_library_an
             modules.add((node.module or "").split(".")[0])
     assert modules - sys.stdlib_module_names == {"zmq"}
     assert (here / "protocol.py").read_text() in relay_source()
+
+
+def test_a_farewell_notice_is_written_only_between_frames() -> None:
+    link = Link(SendBuffer(), resume_on_ack=False)
+    link.begin(R_ID)
+    link.send(SHELL, [b"x" * 1000])
+    view = link.pending()
+    link.wrote(len(view) - 10)  # a frame half written
+    assert link.farewell({"session": "replaced"}) == b""
+    link.wrote(10)
+    said = link.farewell({"session": "replaced"})
+    assert FrameReader().frames(said)[0].kind == NOTICE_KIND

@@ -60,6 +60,9 @@ class SessionStats:
     #: Authenticated streams so far (the first one included).
     sessions: int
     kernel_exited: bool
+    #: Another Jupyter side connected to the relay since (a reattach elsewhere): this
+    #: one no longer reconnects by itself (``reconnect_now()`` takes the session back).
+    replaced: bool
     heartbeat_answered: bool
     #: Requests not yet acknowledged by the relay (and their bytes).
     unacknowledged: int
@@ -138,6 +141,7 @@ class LocalEnd:
         self._pings = 0
         self._stopping = False
         self._kernel_exited = False
+        self._replaced = False
         self._counts = dict.fromkeys(
             ("delivered", "dropped_messages", "dropped_bytes", "dropped_at_new_relay"), 0
         )
@@ -177,6 +181,7 @@ class LocalEnd:
             connected=self.connected,
             sessions=self._link.streams,
             kernel_exited=self._kernel_exited,
+            replaced=self._replaced,
             heartbeat_answered=self._answering(time.monotonic()),
             unacknowledged=len(self._link.buffer),
             unacknowledged_bytes=self._link.buffer.nbytes,
@@ -198,8 +203,9 @@ class LocalEnd:
         self._call(lambda: self._switch_relay(open_stream, bytes(secret)))
 
     def reconnect_now(self) -> None:
-        """The link is back (say, SSH reconnected): try at once, without back-off."""
-        self._call(self._dialer.retry_now)
+        """The link is back (say, SSH reconnected): try at once, without back-off.  After
+        another Jupyter side took the session over, this takes it back."""
+        self._call(self._take_back)
 
     def restore_endpoints(self) -> None:
         """Bind again IPC socket files that were removed (at a restart)."""
@@ -264,7 +270,7 @@ class LocalEnd:
 
     def _timeout(self, now: float) -> int:
         due = [now + 1.0]
-        if self._stream is None and not self._dialer.busy and not self._kernel_exited:
+        if self._stream is None and not self._dialer.busy and self._may_dial:
             due.append(self._dialer.retry_at)
         if self._stream is not None:
             due.append(self._last_tx + self.ping_interval)
@@ -278,7 +284,7 @@ class LocalEnd:
     def _timers(self, now: float) -> None:
         self._collect_attempt(now)
         if self._stream is None:
-            if not self._kernel_exited:
+            if self._may_dial:
                 self._dialer.dial(now)
             return
         if self._ack_at is not None and now >= self._ack_at:
@@ -303,6 +309,14 @@ class LocalEnd:
     def _request_stop(self) -> None:
         self._stopping = True
 
+    @property
+    def _may_dial(self) -> bool:
+        return not self._kernel_exited and not self._replaced
+
+    def _take_back(self) -> None:
+        self._replaced = False
+        self._dialer.retry_now()
+
     def _switch_relay(self, open_stream: StreamOpener, secret: bytes) -> None:
         now = time.monotonic()
         self._dialer.switch(open_stream, secret)
@@ -311,7 +325,7 @@ class LocalEnd:
         self._counts["dropped_at_new_relay"] += self._link.buffer.clear()
         self._link.receiver.reset()
         self._link.peer_instance = None
-        self._kernel_exited = False
+        self._kernel_exited = self._replaced = False
         self._down_since = now
 
     # --- the stream ---------------------------------------------------------------------
@@ -404,6 +418,9 @@ class LocalEnd:
             elif event.info.get("kernel") == "exited":
                 self._kernel_exited = True
                 log.info("session %s: the relay says the kernel has ended", self.name)
+            elif event.info.get("session") == "replaced":
+                self._replaced = True
+                log.warning("session %s: another Jupyter side took the session over", self.name)
             elif isinstance(event.info.get("dropped"), dict):
                 self._counts["dropped_messages"] += int(event.info["dropped"].get("messages", 0))
                 self._counts["dropped_bytes"] += int(event.info["dropped"].get("bytes", 0))

@@ -599,6 +599,7 @@ class Link:
         self._ack_now = False  # ... and the ACK goes out with the next write
         self._unacked_bytes = 0
         self._unacked_messages = 0
+        self._mid_frame = False
 
     def begin(self, peer_instance: bytes) -> bool:
         """A new authenticated stream; True if the peer is another instance than before
@@ -612,6 +613,7 @@ class Link:
         self._reader = FrameReader()
         self._queue.clear()
         self._control.clear()
+        self._mid_frame = False
         self.buffer.rewind()
         self._awaiting_resume = self.resume_on_ack
         self._ack_due = self._ack_now = True  # the first frame: where the peer resumes
@@ -694,8 +696,15 @@ class Link:
         head = self._queue[0]
         if count >= len(head):
             self._queue.popleft()
+            self._mid_frame = False
         else:
             self._queue[0] = head[count:]
+            self._mid_frame = True
+
+    def farewell(self, info: dict[str, Any]) -> bytes:
+        """A last NOTICE to write before the stream is closed, if the stream is between
+        frames (b"" if a frame is half written: the notice would corrupt it)."""
+        return b"" if self._mid_frame else encode_notice(info)
 
     @property
     def ack_waiting(self) -> bool:

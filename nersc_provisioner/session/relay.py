@@ -503,6 +503,9 @@ class Relay:
         del self.pending[pending.sock.fileno()]
         if self.session is not None:
             log.info("a new session replaces the current one")
+            farewell = self.link.farewell({"session": "replaced"})  # it steps aside
+            with contextlib.suppress(OSError):
+                self.session.send(farewell)
             self._drop_session()
         self.session = pending.sock
         self._want_write = False
