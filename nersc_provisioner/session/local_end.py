@@ -464,7 +464,10 @@ class LocalEnd:
             elif channel == IOPUB:
                 frontend.subscription(frames[0].bytes)
             else:
-                self._link.send(channel, [frame.buffer for frame in frames])
+                try:
+                    self._link.send(channel, [frame.buffer for frame in frames])
+                except ProtocolError as exc:  # over 2 GiB: it cannot be framed
+                    log.warning("session %s: a request was not sent: %s", self.name, exc)
 
     def _answering(self, now: float) -> bool:
         if self._kernel_exited:

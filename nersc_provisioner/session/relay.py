@@ -389,25 +389,26 @@ class Relay:
         self.out.write(f"NPR_RELAY_PORT {self.port}\n")
         self.out.flush()
         next_check = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_check:
-                self._check_kernel(now)
-                next_check = now + CHECK_EVERY
-            if self._finished(now):
-                break
-            self._expire_handshakes(now)
-            if self.ack_at is not None and now >= self.ack_at:
-                self.ack_at = None
-                self.link.ack_soon()
-            wait = min(next_check, self.ack_at or next_check) - now
-            for target, events in self.poller.poll(max(1, int(wait * 1000) + 1)):
-                self._on_ready(target, events)
-            if self.ack_at is None and self.link.ack_waiting:
-                self.ack_at = time.monotonic() + ACK_DELAY
-            self._flush()
-        self.close()
-        return 0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_kernel(now)
+                    next_check = now + CHECK_EVERY
+                if self._finished(now):
+                    return 0
+                self._expire_handshakes(now)
+                if self.ack_at is not None and now >= self.ack_at:
+                    self.ack_at = None
+                    self.link.ack_soon()
+                wait = min(next_check, self.ack_at or next_check) - now
+                for target, events in self.poller.poll(max(1, int(wait * 1000) + 1)):
+                    self._on_ready(target, events)
+                if self.ack_at is None and self.link.ack_waiting:
+                    self.ack_at = time.monotonic() + ACK_DELAY
+                self._flush()
+        finally:
+            self.close()
 
     def _on_ready(self, target: Any, events: int) -> None:
         if isinstance(target, zmq.Socket):
@@ -452,7 +453,10 @@ class Relay:
                 if any(msg_id in parent for msg_id in self.probe_ids):
                     continue
                 droppable = message_type(parts) in DROPPABLE_TYPES
-            self.link.send(channel, parts, droppable)
+            try:
+                self.link.send(channel, parts, droppable)
+            except ProtocolError as exc:  # over 2 GiB: it cannot be framed
+                log.warning("a message from the kernel was not forwarded: %s", exc)
 
     def _render_notice(self, report: DropReport) -> list[bytes]:
         text = drop_notice_text(report, self.settings.buffer_bytes, self.host)
@@ -627,4 +631,8 @@ def main(settings_file: str) -> int:
             relay.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    return relay.run()
+    try:
+        return relay.run()
+    except Exception:
+        log.exception("the relay failed")
+        return 1
