@@ -82,6 +82,29 @@ class SessionStats:
     stream_errors: int
     last_error: str
 
+    @classmethod
+    def of(cls, end: LocalEnd) -> SessionStats:
+        counts, link, frontend = end._counts, end._link, end._frontend
+        return cls(
+            connected=end.connected,
+            sessions=link.streams,
+            kernel_exited=end._kernel_exited,
+            replaced=end._replaced,
+            heartbeat_answered=end._answering(time.monotonic()),
+            unacknowledged=len(link.buffer),
+            unacknowledged_bytes=link.buffer.nbytes,
+            delivered=counts["delivered"],
+            duplicates=link.receiver.duplicates,
+            dropped_messages=counts["dropped_messages"],
+            dropped_bytes=counts["dropped_bytes"],
+            dropped_at_new_relay=counts["dropped_at_new_relay"],
+            iopub_held=len(frontend.held) if frontend else 0,
+            iopub_held_dropped=frontend.held_dropped if frontend else 0,
+            auth_failures=counts["auth_failures"],
+            stream_errors=counts["stream_errors"],
+            last_error=end._last_error,
+        )
+
 
 class LocalEnd:
     """One kernel's sockets on the Jupyter side, and its session with the relay.
@@ -176,26 +199,7 @@ class LocalEnd:
         return self._up.wait(timeout)
 
     def stats(self) -> SessionStats:
-        counts = self._counts
-        return SessionStats(
-            connected=self.connected,
-            sessions=self._link.streams,
-            kernel_exited=self._kernel_exited,
-            replaced=self._replaced,
-            heartbeat_answered=self._answering(time.monotonic()),
-            unacknowledged=len(self._link.buffer),
-            unacknowledged_bytes=self._link.buffer.nbytes,
-            delivered=counts["delivered"],
-            duplicates=self._link.receiver.duplicates,
-            dropped_messages=counts["dropped_messages"],
-            dropped_bytes=counts["dropped_bytes"],
-            dropped_at_new_relay=counts["dropped_at_new_relay"],
-            iopub_held=len(self._frontend.held) if self._frontend else 0,
-            iopub_held_dropped=self._frontend.held_dropped if self._frontend else 0,
-            auth_failures=counts["auth_failures"],
-            stream_errors=counts["stream_errors"],
-            last_error=self._last_error,
-        )
+        return SessionStats.of(self)
 
     def new_relay(self, open_stream: StreamOpener, secret: bytes) -> None:
         """The kernel was restarted, with a relay of its own: talk to that one.  The old
@@ -208,18 +212,9 @@ class LocalEnd:
         self._call(self._take_back)
 
     def restore_endpoints(self) -> None:
-        """Bind again IPC socket files that were removed (at a restart)."""
-        done = threading.Event()
-
-        def restore() -> None:
-            try:
-                if self._frontend is not None:
-                    self._frontend.restore()
-            finally:
-                done.set()
-
-        self._call(restore)
-        done.wait(5)
+        """Bind again IPC socket files that were removed (at a restart); waits for it."""
+        if self._frontend is not None:
+            self._call(self._frontend.restore, wait=5.0)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the stream and the sockets; end the thread."""
@@ -229,9 +224,20 @@ class LocalEnd:
         self._thread.join(timeout)
         self._thread = None
 
-    def _call(self, action: Callable[[], None]) -> None:
-        self._commands.put(action)
+    def _call(self, action: Callable[[], None], wait: float = 0.0) -> None:
+        """Run ``action`` on the loop's thread (the sockets are its alone)."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                action()
+            finally:
+                done.set()
+
+        self._commands.put(run)
         self._wake()
+        if wait:
+            done.wait(wait)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -253,6 +259,7 @@ class LocalEnd:
             while not self._stopping:
                 now = time.monotonic()
                 self._timers(now)
+                self._flush(now)  # (what came in last time round, and an ACK or PING due)
                 ready = dict(poller.poll(self._timeout(now)))
                 now = time.monotonic()
                 if self._wake_r in ready:
@@ -262,7 +269,6 @@ class LocalEnd:
                 for sock, channel in channels.items():
                     if sock in ready:
                         self._from_clients(sock, channel, now)
-                self._flush(now)
         except Exception:  # the loop must not die silently: say why, then clean up
             log.exception("session %s: the local end failed", self.name)
         finally:

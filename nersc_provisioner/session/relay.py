@@ -401,12 +401,12 @@ class Relay:
                 if self.ack_at is not None and now >= self.ack_at:
                     self.ack_at = None
                     self.link.ack_soon()
+                self._flush()  # (what came in last time round, and an ACK due)
                 wait = min(next_check, self.ack_at or next_check) - now
                 for target, events in self.poller.poll(max(1, int(wait * 1000) + 1)):
                     self._on_ready(target, events)
                 if self.ack_at is None and self.link.ack_waiting:
                     self.ack_at = time.monotonic() + ACK_DELAY
-                self._flush()
         finally:
             self.close()
 
