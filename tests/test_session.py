@@ -365,10 +365,12 @@ def test_the_relay_runs_from_stdin_with_no_secret_on_its_command_line(
     session: SessionFactory,
 ) -> None:
     s = session()
-    cmdline = Path(f"/proc/{s.relay.proc.pid}/cmdline").read_bytes().split(b"\0")
-    assert cmdline[1:] == [b"-", b""]
+    cmdline = Path(f"/proc/{s.relay.proc.pid}/cmdline").read_bytes()
+    assert cmdline.split(b"\0")[1:] == [b"-", b""]
     environ = Path(f"/proc/{s.relay.proc.pid}/environ").read_bytes()
-    assert s.kernel.info["key"].encode() not in environ
+    for secret in (s.secret.hex().encode(), s.kernel.info["key"].encode()):
+        assert secret not in cmdline
+        assert secret not in environ
     assert not s.relay.settings_file.exists()  # read, then removed
     kc = s.client()
     msg_id = kc.execute("print('hello through the relay')")
