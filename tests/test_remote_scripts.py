@@ -15,17 +15,20 @@ from pathlib import Path
 
 import psutil
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
 
 from nersc_provisioner.errors import ModuleLoadError, UnsafeValueError
 from nersc_provisioner.launchers.remote import (
     PORT_NAMES,
     WATCHDOG,
     LaunchReport,
+    RelayStart,
     RemoteLaunch,
     build_launch_script,
     kill_script,
 )
 from nersc_provisioner.launchers.wrapper import EnvironmentSetup
+from nersc_provisioner.session import LocalEnd, RelaySettings, relay_program, tcp_opener
 from nersc_provisioner.transports.agent import AGENT
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -232,3 +235,90 @@ def test_hostile_values_in_the_launch_script_are_carried_not_run(tmp_path: Path)
         assert not canary.exists()
     finally:
         run_bash(kill_script(["k-h"]), tmp_path)
+
+
+# --- the session relay, started by the launch script ----------------------------------
+
+
+def launch_with_relay(home: Path, kernel_id: str, python: str, secret: bytes) -> LaunchReport:
+    kdir = f"~/.nersc_provisioner/kernels/{kernel_id}"
+    relay = RelayStart(
+        python=python,
+        program=relay_program(f"{kdir}/relay.json"),
+        settings=RelaySettings(
+            connection_file=f"{kdir}/connection.json", secret=secret, pid_file=f"{kdir}/pid"
+        ).to_json(),
+    )
+    connection = {
+        **dict.fromkeys(PORT_NAMES, 0),
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "key": KEY,
+    }
+    script = build_launch_script(
+        RemoteLaunch(
+            kernel_id=kernel_id,
+            argv=(sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+            connection=connection,
+            relay=relay,
+        )
+    )
+    report = LaunchReport()
+    for line in run_bash(script, home):
+        report.feed(line)
+    return report
+
+
+def test_the_launch_script_starts_the_relay_and_a_client_reaches_the_kernel_through_it(
+    tmp_path: Path,
+) -> None:
+    """The relay starts beside the kernel, through the kernel's wrapper, and reports its
+    port; its secret is on no command line and its settings file is gone; a client of
+    the Jupyter side's sockets runs a cell through it."""
+    secret = os.urandom(32)
+    report = launch_with_relay(tmp_path, "k-relay", sys.executable, secret)
+    folder = tmp_path / "ipc"
+    folder.mkdir(mode=0o700)
+    local = LocalEnd(tcp_opener("127.0.0.1", report.relay_port), secret, ipc_dir=str(folder))
+    kc = BlockingKernelClient()
+    try:
+        assert report.done, report.other
+        assert report.relay_failure == ""
+        assert report.relay_port > 0
+        kernel_dir = tmp_path / ".nersc_provisioner" / "kernels" / "k-relay"
+        relay_pid = int((kernel_dir / "relay.pid").read_text())
+        assert not (kernel_dir / "relay.json").exists()  # read, then removed
+        relay = psutil.Process(relay_pid)
+        for proc in [relay, *relay.children(recursive=True)]:
+            assert secret.hex() not in " ".join(proc.cmdline())
+        local.start()
+        assert local.wait_connected(10)
+        kc.load_connection_info(
+            {**local.connection_info(), "key": KEY, "signature_scheme": "hmac-sha256"}  # type: ignore[arg-type]
+        )
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        reply = kc.execute_interactive("print('through the relay', 6 * 7)", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        local.stop()
+        run_bash(kill_script(["k-relay"]), tmp_path)
+
+
+def test_without_a_python_for_the_relay_the_launch_says_why_and_the_kernel_runs(
+    tmp_path: Path,
+) -> None:
+    """A relay that cannot start (here: no such Python) does not fail the launch: the
+    report says why, with the end of the relay's log, and the kernel is up."""
+    report = launch_with_relay(tmp_path, "k-norelay", "/nonexistent/python", os.urandom(32))
+    try:
+        assert report.done, report.other
+        assert report.relay_port == 0
+        assert "/nonexistent/python" in report.relay_failure
+        assert psutil.pid_exists(report.pid)
+        kernel_dir = tmp_path / ".nersc_provisioner" / "kernels" / "k-norelay"
+        assert not (kernel_dir / "relay.json").exists()  # its secret is not left behind
+    finally:
+        run_bash(kill_script(["k-norelay"]), tmp_path)

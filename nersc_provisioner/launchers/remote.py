@@ -38,6 +38,22 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 
 
 @dataclass(frozen=True)
+class RelayStart:
+    """The session relay to start beside the kernel (:mod:`nersc_provisioner.session`).
+
+    ``program`` is the relay's Python text; ``settings`` its JSON settings, which hold
+    its secret: both are written by the ``printf`` builtin into the 0700 kernel
+    directory (0600), so neither is on a command line.  The relay runs through the
+    kernel's own wrapper (modules, setup lines) with ``python``, so it finds the Python
+    and the pyzmq the kernel finds.
+    """
+
+    python: str
+    program: str = field(repr=False)
+    settings: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class RemoteLaunch:
     """Everything the launch script needs."""
 
@@ -50,6 +66,8 @@ class RemoteLaunch:
     watchdog_interval: int = 10
     #: In a Slurm job step: stay until the kernel exits, for the step ends with this script.
     foreground: bool = False
+    #: The session relay, or None for the byte-for-byte tunnel.
+    relay: RelayStart | None = None
 
 
 def build_launch_script(launch: RemoteLaunch) -> str:
@@ -91,28 +109,10 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             f'setsid bash --noprofile --norc -c {quote(WATCHDOG)} npr-watchdog "$npr_dir" '
             f'"$npr_pid" {ttl} {every} </dev/null >/dev/null 2>&1 &',
             'npr_watchdog=$!; echo "$npr_watchdog" > "$npr_dir/watchdog"',
-            # Started = five ports in the file and the shell port listening.  The
-            # second half matters when the ports were given beforehand (data_path
-            # direct, at a restart: ipykernel merges into our file, so it looks
-            # complete from the start), and when a kernel writes its ports before
-            # binding them.
-            "while :; do",
-            '  n=$(grep -c \'_port": [1-9]\' "$npr_dir/connection.json" 2>/dev/null)',
-            '  p=$(sed -n \'s/.*"shell_port": \\([0-9]*\\).*/\\1/p\' "$npr_dir/connection.json" '
-            "2>/dev/null)",
-            '  if [ "${n:-0}" -ge 5 ] && [ "${p:-0}" -gt 0 ] && grep -q ":$(printf %04X "$p") '
-            '00000000:0000 0A" /proc/net/tcp 2>/dev/null; then break; fi',
-            '  if ! kill -0 "$npr_pid" 2>/dev/null; then',
-            '    wait "$npr_pid"; npr_code=$?',
-            '    echo "NPR_DIED $npr_code"',
-            '    tail -n 40 "$npr_dir/kernel.log" 2>/dev/null',
-            '    kill -- "-$npr_watchdog" 2>/dev/null',
-            '    rm -rf -- "$npr_dir"',
-            "    exit 1",
-            "  fi",
-            "  sleep 0.05",
-            "done",
+            *(_start_relay(launch.relay) if launch.relay else []),
+            *_wait_for_ports(),
             "grep '_port\"' \"$npr_dir/connection.json\" | sed 's/^/NPR_PORT /'",
+            *(_report_relay() if launch.relay else []),
             # The kernel wrote the file back with its ports; an ipykernel that knows
             # CurveZMQ keeps the curve keys in it, an older one drops them.
             'if grep -q \'"curve_secretkey"\' "$npr_dir/connection.json"; then echo NPR_CURVE on; '
@@ -131,6 +131,70 @@ def build_launch_script(launch: RemoteLaunch) -> str:
             "",
         ]
     )
+
+
+def _wait_for_ports() -> list[str]:
+    """Wait until the kernel listens; if it dies first, report it and clean up."""
+    return [
+        # Started = five ports in the file and the shell port listening.  The
+        # second half matters when the ports were given beforehand (data_path
+        # direct, at a restart: ipykernel merges into our file, so it looks
+        # complete from the start), and when a kernel writes its ports before
+        # binding them.
+        "while :; do",
+        '  n=$(grep -c \'_port": [1-9]\' "$npr_dir/connection.json" 2>/dev/null)',
+        '  p=$(sed -n \'s/.*"shell_port": \\([0-9]*\\).*/\\1/p\' "$npr_dir/connection.json" '
+        "2>/dev/null)",
+        '  if [ "${n:-0}" -ge 5 ] && [ "${p:-0}" -gt 0 ] && grep -q ":$(printf %04X "$p") '
+        '00000000:0000 0A" /proc/net/tcp 2>/dev/null; then break; fi',
+        '  if ! kill -0 "$npr_pid" 2>/dev/null; then',
+        '    wait "$npr_pid"; npr_code=$?',
+        '    echo "NPR_DIED $npr_code"',
+        '    tail -n 40 "$npr_dir/kernel.log" 2>/dev/null',
+        '    kill -- "-$npr_watchdog" 2>/dev/null',
+        '    [ -n "${npr_relay:-}" ] && kill -- "-$npr_relay" 2>/dev/null',
+        '    rm -rf -- "$npr_dir"',
+        "    exit 1",
+        "  fi",
+        "  sleep 0.05",
+        "done",
+    ]
+
+
+def _start_relay(relay: RelayStart) -> list[str]:
+    """Start the relay as the kernel starts (through the same wrapper): it waits for the
+    kernel's ports in the connection file, then for the kernel's answer on IOPub."""
+    return [
+        f'printf "%s" {quote(relay.settings)} > "$npr_dir/relay.json"',
+        f'printf "%s" {quote(relay.program)} > "$npr_dir/relay.py"',
+        f'setsid bash --noprofile --norc "$npr_dir/wrapper.sh" 3 {quote(relay.python)} '
+        '"$npr_dir/relay.py" 3>"$npr_dir/relay.status" </dev/null >"$npr_dir/relay.out" '
+        '2>"$npr_dir/relay.log" &',
+        'npr_relay=$!; echo "$npr_relay" > "$npr_dir/relay.pid"',
+    ]
+
+
+def _report_relay() -> list[str]:
+    """Once the kernel listens: the relay's port (NPR_RELAY_PORT N), or why it has none
+    (NPR_RELAY_FAIL reason, with the end of its log): the caller falls back to the tunnel."""
+    return [
+        "npr_i=0",
+        'until grep -q "^NPR_RELAY_" "$npr_dir/relay.out" 2>/dev/null || '
+        '! kill -0 "$npr_relay" 2>/dev/null || [ "$npr_i" -ge 600 ]; do',
+        "  sleep 0.05; npr_i=$((npr_i + 1))",
+        "done",
+        'if grep -q "^NPR_RELAY_PORT [0-9]" "$npr_dir/relay.out" 2>/dev/null; then',
+        '  grep -m1 "^NPR_RELAY_PORT " "$npr_dir/relay.out"',
+        "else",
+        '  kill -- "-$npr_relay" 2>/dev/null',
+        '  npr_why=$(sed -n "s/^NPR_RELAY_FAIL //p" "$npr_dir/relay.out" 2>/dev/null | head -n 1)',
+        '  npr_log=$(grep -v "^NERSC_PROVISIONER_READY" "$npr_dir/relay.status" 2>/dev/null; '
+        'tail -n 3 "$npr_dir/relay.log" 2>/dev/null)',
+        '  npr_log=$(printf "%s" "$npr_log" | tr "\\n" " ")',
+        '  echo "NPR_RELAY_FAIL ${npr_why:-the relay did not start} ${npr_log}"',
+        "fi",
+        'rm -f -- "$npr_dir/relay.json"',
+    ]
 
 
 WATCHDOG = r"""# nersc_provisioner watchdog: end the kernel when its lease is not renewed
@@ -226,6 +290,8 @@ class LaunchReport:
     failure: str = ""
     step_exit: int | None = None  # srun ended before the kernel was up (Slurm mode)
     curve: bool | None = None  # the kernel kept the CurveZMQ keys (it encrypts)
+    relay_port: int = 0  # the session relay listens here (remote 127.0.0.1)
+    relay_failure: str = ""  # why there is no relay (the tunnel is used instead)
     other: list[str] = field(default_factory=list)
 
     def feed(self, line: str) -> None:
@@ -244,6 +310,10 @@ class LaunchReport:
             self.done = True
         elif words[:1] == ["NPR_DIED"]:
             self.died_code = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        elif words[:1] == ["NPR_RELAY_PORT"] and len(words) == 2 and words[1].isdigit():
+            self.relay_port = int(words[1])
+        elif words[:1] == ["NPR_RELAY_FAIL"]:
+            self.relay_failure = line[len("NPR_RELAY_FAIL ") :].strip() or "no reason given"
         elif words[:1] == ["NPR_CURVE"]:
             self.curve = words[1:2] == ["on"]
         elif words[:1] == ["NPR_STEP_EXIT"]:
