@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The oldest stack pyproject.toml admits: every direct dependency at its lower bound.
+OLDEST     ?= .venv-oldest
+OLDEST_BIN := $(OLDEST)/bin
 
-.PHONY: venv demo bench bench-smoke soak datapath session-bench rig rig-down lint typecheck pytest test clean
+.PHONY: venv venv-oldest demo bench bench-smoke soak datapath session-bench rig rig-down lint typecheck pytest test-oldest test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +17,15 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+$(OLDEST_BIN)/.installed: pyproject.toml .ci/oldest-stack.txt
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST_BIN)/python -m pip install -q --upgrade pip
+	$(OLDEST_BIN)/python -m pip install -q -c .ci/oldest-stack.txt -e '.[test]'
+	touch $@
+
+venv-oldest: $(OLDEST_BIN)/.installed
 
 demo: venv
 	scripts/ensure-lmod
@@ -64,7 +76,12 @@ typecheck: venv
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-test: venv rig lint typecheck pytest bench-smoke
+# The oldest stack (.ci/oldest-stack.txt): every test that needs no rig, and the rig
+# tests marked `oldest` (the kernel lifecycle of each provisioner, tests/test_stacks.py).
+test-oldest: venv-oldest
+	PATH="$(abspath $(OLDEST_BIN)):$$PATH" $(OLDEST_BIN)/python -m pytest -m "oldest or not rig"
+
+test: venv rig lint typecheck pytest test-oldest bench-smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache

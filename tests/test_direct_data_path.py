@@ -37,6 +37,7 @@ from tests.rig import (
     start_sshd,
     stop_sshd,
 )
+from tests.stacks import needs_curve_stack
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -80,6 +81,7 @@ def kernel_procs(user: str) -> list[str]:
     return found
 
 
+@needs_curve_stack
 async def test_direct_lifecycle_listens_on_the_host_and_works_while_ssh_is_down(
     start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
 ) -> None:
@@ -134,6 +136,7 @@ async def test_direct_lifecycle_listens_on_the_host_and_works_while_ssh_is_down(
     assert not any((rig.host, port) in bound for port in ports.values())
 
 
+@needs_curve_stack
 async def test_the_network_sees_only_curvezmq(
     start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
 ) -> None:
@@ -186,6 +189,7 @@ async def test_direct_without_encryption_is_refused(
     assert "transport_encryption" in text
 
 
+@needs_curve_stack
 async def test_direct_with_a_kernel_that_drops_curve_is_refused(
     start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
 ) -> None:
@@ -195,6 +199,7 @@ async def test_direct_with_a_kernel_that_drops_curve_is_refused(
     assert await wait_until(lambda: not kernel_procs(rig.user), 10), kernel_procs(rig.user)
 
 
+@needs_curve_stack
 async def test_direct_through_a_jump_host_is_refused(
     start_kernel: KernelFactory, rig: SSHRig, tmp_path: Path
 ) -> None:
@@ -215,6 +220,7 @@ async def test_direct_through_a_jump_host_is_refused(
     assert await wait_until(lambda: not kernel_procs(jump.user), 10), kernel_procs(jump.user)
 
 
+@needs_curve_stack
 async def test_direct_in_a_slurm_job(start_kernel: KernelFactory) -> None:
     full = require_compute_node()
     assert full.ssh is not None

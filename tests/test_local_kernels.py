@@ -34,6 +34,7 @@ def lmod_config() -> dict[str, object]:
     return {"module_use": [str(lmod.modulepath)], "modules": ["nersc-test/1.0"]}
 
 
+@pytest.mark.oldest
 async def test_cell_runs_and_sees_module_variable(
     start_kernel: KernelFactory, lmod_config: dict[str, object]
 ) -> None:
@@ -47,6 +48,7 @@ async def test_cell_runs_and_sees_module_variable(
         kc.stop_channels()
 
 
+@pytest.mark.oldest
 async def test_default_argv_uses_python_found_after_setup(
     start_kernel: KernelFactory, lmod_config: dict[str, object], tmp_path: Path
 ) -> None:
@@ -67,6 +69,7 @@ async def test_default_argv_uses_python_found_after_setup(
         kc.stop_channels()
 
 
+@pytest.mark.oldest
 async def test_interrupt_restart_shutdown_leave_nothing(
     start_kernel: KernelFactory, lmod_config: dict[str, object]
 ) -> None:

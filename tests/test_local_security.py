@@ -29,6 +29,7 @@ from tests.conftest import PYTHON_ARGV, KernelFactory
 from tests.intruder import EXECUTOR, SUBSCRIBER, print_markers
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
 from tests.rig import SSHRig, remote_config, require_lmod, require_ssh
+from tests.stacks import needs_curve_stack
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
@@ -154,6 +155,7 @@ def target_config(target: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str
     return {"container": "docker:org/image:1"}, container_stand_in(tmp_path)
 
 
+@needs_curve_stack
 @pytest.mark.parametrize("target", ["plain", "modules", "setup", "container"])
 async def test_intruder_reads_nothing_and_runs_nothing(
     start_kernel: KernelFactory, rig: SSHRig, tmp_path: Path, target: str
@@ -221,6 +223,7 @@ NO_IPC_SHIM = (
 )
 
 
+@needs_curve_stack
 async def test_kernel_that_can_do_neither_is_refused_or_warned(
     start_kernel: KernelFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -248,7 +251,10 @@ async def test_kernel_that_can_do_neither_is_refused_or_warned(
 # --- the tunnel's local listeners (nersc-cori): the Jupyter host's side of SSH ---------
 
 
-@pytest.mark.parametrize("encryption", ["auto", "disabled", "auto-without-curve"])
+@pytest.mark.parametrize(
+    "encryption",
+    [pytest.param("auto", marks=needs_curve_stack), "disabled", "auto-without-curve"],
+)
 async def test_tunnel_listeners_are_closed_to_other_users(
     start_kernel: KernelFactory, rig: SSHRig, encryption: str
 ) -> None:
@@ -267,7 +273,7 @@ async def test_tunnel_listeners_are_closed_to_other_users(
         assert km.curve_publickey is not None
     else:
         assert km.transport == "ipc"
-        assert km.curve_publickey is None
+        assert getattr(km, "curve_publickey", None) is None
         directory = os.path.dirname(km.ip)
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     kc = await ready_client(km)
@@ -288,6 +294,7 @@ async def test_tunnel_listeners_are_closed_to_other_users(
         assert not os.path.exists(directory)
 
 
+@needs_curve_stack
 def test_demo_prints_no_encryption_warning() -> None:
     """`make demo`'s script: ipykernel's "without encryption" warning is gone."""
     require_lmod()
@@ -326,6 +333,7 @@ async def runs_ipykernel6_out_of_reach(rig: SSHRig, km: Any) -> None:
         kc.stop_channels()
 
 
+@needs_curve_stack
 async def test_real_ipykernel6_runs_on_private_ipc_sockets(
     start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str
 ) -> None:
@@ -358,6 +366,7 @@ NO_IPC_WRAPPER = (
 )
 
 
+@needs_curve_stack
 async def test_real_ipykernel6_on_a_remote_host(
     start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,15 +35,23 @@ IPYKERNEL = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 def test_attempts_by_policy() -> None:
     both = [Protection.CURVE, Protection.IPC]
-    assert protection_attempts("auto", self_binding=True) == [*both, Protection.PLAIN]
-    assert protection_attempts("required", self_binding=True) == both
-    assert protection_attempts("disabled", self_binding=True) == [Protection.PLAIN]
-    # A kernel that may not write its ports back (IRkernel, IJulia) starts on IPC.
-    assert protection_attempts("auto", self_binding=False) == [Protection.IPC, Protection.PLAIN]
-    # A restart goes straight to what worked.
-    assert protection_attempts("auto", self_binding=True, remembered=Protection.IPC) == [
-        Protection.IPC
+    assert protection_attempts("auto", self_binding=True, curve_keys=True) == [
+        *both,
+        Protection.PLAIN,
     ]
+    assert protection_attempts("required", self_binding=True, curve_keys=True) == both
+    assert protection_attempts("disabled", self_binding=True, curve_keys=True) == [Protection.PLAIN]
+    # A kernel that may not write its ports back (IRkernel, IJulia) starts on IPC.
+    assert protection_attempts("auto", self_binding=False, curve_keys=True) == [
+        Protection.IPC,
+        Protection.PLAIN,
+    ]
+    # A kernel manager that cannot carry CurveZMQ keys (jupyter_client < 8.9): no CURVE.
+    assert protection_attempts("required", self_binding=True, curve_keys=False) == [Protection.IPC]
+    # A restart goes straight to what worked.
+    assert protection_attempts(
+        "auto", self_binding=True, curve_keys=True, remembered=Protection.IPC
+    ) == [Protection.IPC]
 
 
 def test_which_kernels_bind_their_own_ports() -> None:

@@ -75,6 +75,7 @@ def ours(lines: list[str]) -> list[str]:
     return [line for line in lines if any(mark in line for mark in marks)]
 
 
+@pytest.mark.oldest
 async def test_lifecycle_inside_the_namespace(
     start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
 ) -> None:
@@ -169,6 +170,7 @@ async def test_secrets_stay_put(
     assert not [r for r in records if key.decode() in r]
 
 
+@pytest.mark.oldest
 async def test_drop_and_recovery_keeps_the_kernel(
     start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
 ) -> None:
@@ -346,6 +348,7 @@ REATTACH = textwrap.dedent(
 )
 
 
+@pytest.mark.oldest
 async def test_reattach_from_a_second_process(
     start_kernel: KernelFactory, remote_config: dict[str, Any]
 ) -> None:

@@ -128,6 +128,7 @@ def job_of(km: Any) -> str:
     return str(job.job_id)
 
 
+@pytest.mark.oldest
 async def test_lifecycle_in_an_allocation(
     start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
 ) -> None:
@@ -256,6 +257,7 @@ async def test_queue_wait_logs_progress_and_times_out_leaving_nothing(
     assert await wait_until(lambda: not kernel_processes(user), 15), kernel_processes(user)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("how", ["interrupt", "cancel", "shutdown"])
 async def test_interrupt_or_shutdown_while_queued_cancels_the_job(
     start_kernel: KernelFactory, config: dict[str, Any], rig: Rig, how: str
@@ -342,7 +344,9 @@ async def test_kernel_ports_bind_the_node_loopback_only(
     remote = km.provisioner.remote  # type: ignore[union-attr]
     assert remote is not None
     proc = psutil.Process(remote.pid)  # the node is this machine
-    listening = [c.laddr for c in proc.net_connections() if c.status == psutil.CONN_LISTEN]
+    # psutil 6 renamed connections() to net_connections(); the oldest stack has 5.9.4.
+    connections = getattr(proc, "net_connections", None) or proc.connections
+    listening = [c.laddr for c in connections() if c.status == psutil.CONN_LISTEN]
     assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
     assert set(remote.ports.values()) <= {addr.port for addr in listening}
     ssh, slurm = rig.ssh, rig.slurm
@@ -406,6 +410,7 @@ async def test_hostile_slurm_values_are_values(
     assert list(canaries.iterdir()) == []
 
 
+@pytest.mark.oldest
 async def test_nersc_local_on_a_login_node_runs_the_kernel_in_a_job(
     start_kernel: KernelFactory, rig: Rig
 ) -> None:
@@ -512,6 +517,7 @@ REATTACH_AND_SHUT_DOWN = textwrap.dedent(
 )
 
 
+@pytest.mark.oldest
 async def test_reattach_from_a_second_process_then_shut_down_there(
     start_kernel: KernelFactory, config: dict[str, Any], rig: Rig
 ) -> None:

@@ -1,4 +1,5 @@
-"""CurveZMQ for remote and Slurm kernels: the keys, the greeting check, the refusals.
+"""CurveZMQ: whether the Jupyter side can carry its keys at all (every provisioner asks
+here), and for remote and Slurm kernels the keys, the greeting check, the refusals.
 
 The keys are made on the Jupyter side and kept across restarts.  Whether the kernel
 really encrypts is read from its shell socket's ZMTP greeting, not from its
@@ -9,12 +10,14 @@ connection file: ipykernel merges its ports into that file, so one without Curve
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
 
 import zmq
+from traitlets import TraitType
 
 from ..errors import ConfigError, LaunchError
 from ..launchers.remote import LaunchReport
@@ -36,12 +39,68 @@ DIED_WITH_KEYS_WARNING = (
 )
 
 
-def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger | Any) -> None:
+#: The first jupyter_client whose KernelManager carries CurveZMQ keys (its
+#: ``curve_publickey`` and ``curve_secretkey`` traits) to the kernel's clients.
+CURVE_JUPYTER_CLIENT = "8.9"
+
+
+def manager_carries_curve_keys(km: Any) -> bool:
+    """Whether this kernel manager (or manager class) can give its clients CurveZMQ keys:
+    jupyter_client 8.9 or later.  The one place that tells the stacks apart."""
+    cls = km if isinstance(km, type) else type(km)
+    return all(
+        isinstance(getattr(cls, trait, None), TraitType)
+        for trait in ("curve_publickey", "curve_secretkey")
+    )
+
+
+def no_curve_keys_reason() -> str:
+    """Why a kernel of this Jupyter side cannot use CurveZMQ, naming the versions."""
+    installed = importlib.metadata.version("jupyter_client")
+    return (
+        f"jupyter_client {installed} gives a kernel's clients no CurveZMQ keys "
+        f"(jupyter_client {CURVE_JUPYTER_CLIENT} or later does)"
+    )
+
+
+def curve_keys_usable(km: Any, policy: str, *, name: str, log: logging.Logger | Any) -> bool:
+    """Whether the kernel can be given CurveZMQ keys under ``policy``; logs why not when
+    the manager cannot carry them (``disabled`` asks for none, so needs no reason)."""
+    if policy == "disabled":
+        return False
+    if manager_carries_curve_keys(km):
+        return True
+    log.info("%s: CurveZMQ is not used: %s", name, no_curve_keys_reason())
+    return False
+
+
+NO_CURVE_KEYS_WARNING = (
+    "%s: the kernel runs without transport encryption (transport_encryption auto): %s. "
+    "SSH still encrypts the network, but other users of the kernel's host can read its "
+    "output on its loopback ports. Upgrade jupyter_client where Jupyter runs, or set "
+    "transport_encryption to required to refuse this."
+)
+
+
+def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger | Any) -> bool:
     """Give the manager a CurveZMQ server key pair (kept across restarts), per ``policy``
-    (``required`` for data_path direct: its ports are on the network)."""
+    (``required`` for data_path direct: its ports are on the network).  Whether it has
+    one now; refuses ``required`` where the manager cannot carry one."""
+    if not manager_carries_curve_keys(km):
+        if policy == "required":
+            raise ConfigError(
+                "CurveZMQ is required (transport_encryption 'required', or data_path "
+                f"'direct'), but {no_curve_keys_reason()}",
+                hint=f"install jupyter_client {CURVE_JUPYTER_CLIENT} or later where Jupyter "
+                "runs (pip install --upgrade jupyter_client), or set transport_encryption "
+                "to auto and data_path to tunnel",
+            )
+        if policy == "auto":
+            log.warning(NO_CURVE_KEYS_WARNING, name, no_curve_keys_reason())
+        return False
     if policy == "disabled":
         km.curve_publickey = km.curve_secretkey = None
-        return
+        return False
     if not zmq.has("curve"):
         if policy == "required":
             raise ConfigError(
@@ -51,9 +110,10 @@ def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger |
                 "transport_encryption to auto and data_path to tunnel",
             )
         log.warning("%s: this pyzmq has no CurveZMQ; the kernel's sockets are not encrypted", name)
-        return
+        return False
     if km.curve_publickey is None or km.curve_secretkey is None:
         km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+    return True
 
 
 def announced_mechanism(conn: SSHConnection, address: str, port: int, *, direct: bool) -> str:

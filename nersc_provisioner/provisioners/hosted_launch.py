@@ -46,8 +46,8 @@ class KernelStart:
         tunnel = hosted.tunnel
         if km is not None:
             policy = "required" if direct else self.options.transport_encryption
-            provide_curve_keys(km, policy, name=hosted.name, log=hosted.log)
-            if km.curve_publickey is None and not direct:
+            keys = provide_curve_keys(km, policy, name=hosted.name, log=hosted.log)
+            if not keys and not direct:
                 tunnel.plain = True  # no 127.0.0.1 ports for plain traffic
         if not direct:
             if not tunnel.is_open:

@@ -31,6 +31,7 @@ from ..transports.local_sockets import (
     write_private_json,
 )
 from .argv import DEFAULT_KERNEL_ARGV, as_jupyter_client_runs_it, local_argv, spec_argv
+from .encryption import curve_keys_usable
 from .hosted import HostedKernel
 from .local_sockets import (
     UNPROTECTED_WARNING,
@@ -194,6 +195,9 @@ class NERSCLocalProvisioner(WrapperOptions, LocalProvisioner):  # type: ignore[m
             self._attempts = protection_attempts(
                 self.transport_encryption,
                 self_binding=self._self_binding,
+                curve_keys=curve_keys_usable(
+                    km, self.transport_encryption, name=self.provisioner_name, log=self.log
+                ),
                 remembered=self._protection,
             )
             if Protection.IPC in self._attempts and self._socket_dir is None:

@@ -68,18 +68,20 @@ def writes_back_ports(argv: Sequence[str], metadata: Mapping[str, Any]) -> bool:
 
 
 def protection_attempts(
-    policy: str, *, self_binding: bool, remembered: Protection | None = None
+    policy: str, *, self_binding: bool, curve_keys: bool, remembered: Protection | None = None
 ) -> list[Protection]:
     """The ways to try, best first, under ``policy`` (auto, required or disabled).
 
-    A restart tries only what worked before: the clients are connected to it.
+    ``curve_keys``: whether the kernel manager can give its clients CurveZMQ keys
+    (jupyter_client 8.9 or later).  A restart tries only what worked before: the
+    clients are connected to it.
     """
     if remembered is not None:
         return [remembered]
     if policy == "disabled":
         return [Protection.PLAIN]
     attempts = []
-    if self_binding and zmq.has("curve"):
+    if self_binding and curve_keys and zmq.has("curve"):
         attempts.append(Protection.CURVE)
     attempts.append(Protection.IPC)
     if policy == "auto":
@@ -174,9 +176,9 @@ def refusal(reasons: Sequence[str], command: Sequence[str]) -> LaunchError:
         "the kernel could be started neither with CurveZMQ encryption nor on IPC sockets "
         f"in a private directory ({'; '.join(reasons)}), and transport_encryption is "
         "'required': other users of this node could read its TCP ports",
-        hint="use an ipykernel with CurveZMQ support (7.3 or later), or a kernel that "
-        "runs on the IPC transport; or set transport_encryption to auto (a warning) or "
-        "disabled",
+        hint="use an ipykernel with CurveZMQ support (7.3 or later) beside jupyter_client "
+        "8.9 or later, or a kernel that runs on the IPC transport; or set "
+        "transport_encryption to auto (a warning) or disabled",
         command=command,
     )
 
@@ -184,5 +186,6 @@ def refusal(reasons: Sequence[str], command: Sequence[str]) -> LaunchError:
 UNPROTECTED_WARNING = (
     "nersc-local: kernel %s runs on TCP without encryption (%s): other users of this node "
     "can connect to its 127.0.0.1 ports and read its output. Use an ipykernel with CurveZMQ "
-    "support (7.3 or later), or set transport_encryption to required to refuse this."
+    "support (7.3 or later) beside jupyter_client 8.9 or later, or set transport_encryption "
+    "to required to refuse this."
 )

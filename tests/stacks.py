@@ -1,0 +1,23 @@
+"""Which stack the tests run on: the newest, or the oldest pyproject.toml admits
+(``make test-oldest``, pinned by ``.ci/oldest-stack.txt``)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import jupyter_client
+import pytest
+
+JUPYTER_CLIENT = importlib.metadata.version("jupyter_client")
+
+#: jupyter_client 8.9 or later gives a kernel's clients CurveZMQ keys.  Read from the
+#: version number, not from the package's own check, so that the tests can hold that
+#: check to it.
+CURVE_STACK = tuple(jupyter_client.version_info[:2]) >= (8, 9)
+
+#: For a test that asserts CurveZMQ on the Jupyter side.
+needs_curve_stack = pytest.mark.skipif(
+    not CURVE_STACK,
+    reason=f"asserts CurveZMQ on the Jupyter side, which jupyter_client {JUPYTER_CLIENT} "
+    "cannot do (8.9 or later can)",
+)
