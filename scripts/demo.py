@@ -64,7 +64,7 @@ async def demo(workdir: Path) -> None:
     t_start = time.perf_counter() - t0
     if km.transport == "ipc":
         sockets = f"IPC sockets in a private directory ({os.path.dirname(km.ip)}, mode 0700)"
-    elif km.curve_publickey is not None:
+    elif getattr(km, "curve_publickey", None) is not None:  # None before jupyter_client 8.9
         sockets = f"127.0.0.1 ports {km.shell_port}.. with CurveZMQ encryption"
     else:
         sockets = f"127.0.0.1 ports {km.shell_port}.. WITHOUT encryption"
