@@ -257,13 +257,13 @@ async def test_ten_kernels_share_one_connection(
 
 
 async def test_a_new_kernel_after_a_shutdown_needs_no_second_login(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     """With connection_persist (default 60 s) the connection outlives the host's last
     kernel: a kernel started after a shutdown uses it, with no second login."""
     config = {**remote_config}
     del config["connection_persist"]  # the default
-    log = rig.sshd_pidfile.parent / "sshd.log"
+    log = ssh_rig.sshd_pidfile.parent / "sshd.log"
     before = len(log.read_text().splitlines())
     first = await start_kernel(config, name="first", provisioner="nersc-cori")
     conn = first.provisioner.connection  # type: ignore[union-attr]
