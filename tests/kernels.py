@@ -1,10 +1,14 @@
-"""Talking to real kernels: run a cell, collect its output."""
+"""Talking to real kernels (run a cell, interrupt one), and waiting on what has no event."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,19 +44,99 @@ async def run_cell(kc: AsyncKernelClient, code: str, timeout: float = 60) -> Cel
     return CellResult(status=content["status"], stdout="".join(out), ename=content.get("ename", ""))
 
 
-#: When this test run began: processes older than that are not this run's to answer for.
-TESTS_STARTED = time.time()
+async def running_cell(kc: AsyncKernelClient, seconds: int = 60, timeout: float = 30) -> str:
+    """Execute a cell that sleeps ``seconds``; return its msg_id once its code runs.
+
+    The event waited for is the cell's own first output on IOPub: only then is the
+    kernel inside the user's code, where SIGINT becomes a KeyboardInterrupt of the cell.
+    (Its ``busy`` status and ``execute_input`` come before that, while ipykernel still
+    ignores SIGINT or is outside the cell: an interrupt sent then is lost.)
+    """
+    msg_id: str = kc.execute(f"print('running', flush=True); import time; time.sleep({seconds})")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        msg = await kc.get_iopub_msg(timeout=max(left, 0.01))
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            return msg_id
 
 
-async def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> bool:
-    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; its last value."""
+async def shell_reply(kc: AsyncKernelClient, msg_id: str, timeout: float) -> dict[str, Any]:
+    """The content of the shell reply to ``msg_id``, within ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        reply = await kc.get_shell_msg(timeout=max(left, 0.01))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            content: dict[str, Any] = reply["content"]
+            return content
+
+
+async def interrupt_running_cell(km: AsyncKernelManager, kc: AsyncKernelClient) -> dict[str, Any]:
+    """Interrupt a cell that would sleep 60 s, once it runs; the content of its reply.
+
+    The reply must come within 10 s: a cell that ends so long before its 60 s was
+    interrupted.  How fast is the benchmark's figure (``interrupt_ms``), not the test's.
+    """
+    msg_id = await running_cell(kc, seconds=60)
+    await km.interrupt_kernel()
+    return await shell_reply(kc, msg_id, timeout=10)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; its last value.
+
+    For state that offers no event to wait on (a process list, the Slurm queue, a
+    flag of the provisioner).  ``predicate`` may return an awaitable.
+    """
+
+    async def value() -> bool:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        if predicate():
+        if await value():
             return True
         await asyncio.sleep(step)
+    return await value()
+
+
+def poll_until(predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> bool:
+    """:func:`wait_until` for tests without an event loop."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
     return bool(predicate())
+
+
+@contextlib.contextmanager
+def logged(text: str, logger: str = "nersc_provisioner") -> Iterator[threading.Event]:
+    """An event set when a record holding ``text`` is logged to ``logger`` (from any
+    thread) while the block runs: ``await asyncio.to_thread(event.wait, timeout)``."""
+    seen = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+
+    handler = Watch(level=logging.DEBUG)
+    target = logging.getLogger(logger)
+    saved = target.level
+    target.addHandler(handler)
+    if target.getEffectiveLevel() > logging.INFO:
+        target.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(saved)
 
 
 async def output_after_reconnect(

@@ -17,9 +17,16 @@
   the node is this machine (root namespace, ``node_addr`` 10.203.0.1), and an sshd there
   lets the rig user ssh into it from the login node, as NERSC allows inside one's own job.
 
-Tests call :func:`require_rig` (or :func:`require_lmod`, :func:`require_ssh`,
-:func:`require_jump`, :func:`require_slurm`): when the piece is missing or not alive the test
-is skipped, or fails when ``CI=true``, with a reason that says how to start the rig.
+Tests take the fixtures of ``tests/conftest.py`` (``ssh_rig``, ``jump_rig``, ``lmod_rig``,
+``slurm_rig``, ``compute_node_rig``, ``intruder_rig``, ``remote_config``, ``slurm_config``),
+which call :func:`require_rig` (through :func:`require_lmod`, :func:`require_ssh`,
+:func:`require_jump`, :func:`require_slurm`, :func:`require_compute_node`): when the piece is
+missing or not alive the test is skipped, or fails when ``CI=true``, with a reason that says
+how to start the rig.
+
+What the tests look at on the rig goes through one helper each: :func:`rig_processes` (the
+rig user's kernels, watchdogs, agents and sruns), :func:`queue` (squeue's jobs and steps),
+:func:`job_state` (scontrol) and :func:`sbatch`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import json
 import os
 import socket
 import subprocess
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,6 +48,9 @@ import pytest
 DEFAULT_RIG_DIR = Path("/var/tmp/nersc-provisioner-rig")
 PIECES = ("lmod", "ssh", "jump", "slurm", "compute-node")
 UP_HINT = "start it with `scripts/test-rig up` (as root)"
+
+#: When this test run began: processes older than that are not this run's to answer for.
+TESTS_STARTED = time.time()
 
 
 def rig_dir() -> Path:
@@ -281,7 +293,7 @@ def require_compute_node() -> Rig:
     return require_rig("compute-node")
 
 
-def remote_config(ssh: SSHRig) -> dict[str, Any]:
+def login_config(ssh: SSHRig) -> dict[str, Any]:
     """nersc-cori settings that reach the rig's login node (no ~/.ssh/config read)."""
     if not ssh.remote_python:
         pytest.fail("rig.json has no ssh.remote_python; run scripts/test-rig up")
@@ -362,3 +374,127 @@ def require_slurm() -> SlurmRig:
     slurm = require_rig("slurm").slurm
     assert slurm is not None
     return slurm
+
+
+# --- what the tests look at: processes, the Slurm queue ---------------------------------
+
+#: The kinds of process :func:`rig_processes` tells apart, by command line.
+PROCESS_KINDS = ("agent", "watchdog", "kernel", "srun")
+
+
+def process_kind(cmdline: str) -> str:
+    """What a process is to us, by its command line; "" if none of ours.
+
+    ``agent``: a connection's remote agent (``bash -c AGENT npr-agent``; its script names
+    the watchdog, so it is told apart first); ``watchdog``: a kernel's watchdog;
+    ``kernel``: a kernel, or the wrapper (``nersc-kernel``) that becomes one; ``srun``: a
+    Slurm step's srun.
+    """
+    if "npr-agent" in cmdline:
+        return "agent"
+    if "npr-watchdog" in cmdline:
+        return "watchdog"
+    if "ipykernel" in cmdline or "nersc-kernel" in cmdline:
+        return "kernel"
+    if "srun" in cmdline:
+        return "srun"
+    return ""
+
+
+def rig_processes(
+    user: str,
+    kinds: Collection[str] = ("kernel", "watchdog", "agent"),
+    *,
+    since: float = TESTS_STARTED,
+    containing: str = "",
+) -> list[str]:
+    """Command lines of ``user``'s live processes of these ``kinds`` (see
+    :func:`process_kind`) started at or after ``since`` (a ``time.time()``), whose
+    command line holds ``containing``.
+
+    The rig's namespaces share this machine's PID namespace, so the remote hosts' and the
+    Slurm node's processes are all visible here.  Processes from before this test run
+    (another run's leftovers) are not counted.
+    """
+    unknown = set(kinds) - set(PROCESS_KINDS)
+    if unknown:
+        raise ValueError(f"unknown process kinds {sorted(unknown)}; expected {PROCESS_KINDS}")
+    found = []
+    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
+        info = proc.info
+        if info["username"] != user or info["create_time"] < since:
+            continue
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        line = " ".join(info["cmdline"] or [])
+        if process_kind(line) in kinds and containing in line:
+            found.append(line)
+    return found
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A job (``id`` "123") or a job step (``id`` "123.0", "123.batch") as squeue shows it."""
+
+    id: str
+    state: str
+    user: str
+    name: str
+
+    @property
+    def job_id(self) -> str:
+        return self.id.split(".", 1)[0]
+
+    @property
+    def is_step(self) -> bool:
+        return "." in self.id
+
+
+#: squeue's --Format for jobs and for steps: a field's suffix after ":" is printed after it,
+#: so "|" ends each field; the name, the one field that may hold a "|", comes last.
+_JOB_FORMAT = "JobID:|,State:|,UserName:|,Name:"
+_STEP_FORMAT = "StepId:|,StepState:|,UserName:|,StepName:"
+
+
+def queue(user: str | None = None, *, steps: bool = False) -> list[QueueEntry]:
+    """The jobs in the Slurm queue (of ``user``, if given), and with ``steps`` their steps
+    too.  A failing squeue fails the test (a silent controller is not an empty queue)."""
+    formats = [["--Format", _JOB_FORMAT]]
+    if steps:
+        formats.append(["--steps", "--Format", _STEP_FORMAT])
+    entries = []
+    for fmt in formats:
+        argv = ["squeue", "--noheader", *fmt, *([f"--user={user}"] if user else [])]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, f"{argv}: {result.stderr.strip()}"
+        for line in result.stdout.splitlines():
+            if line.strip():
+                job_id, state, owner, name = line.split("|", 3)
+                entries.append(QueueEntry(job_id.strip(), state.strip(), owner.strip(), name))
+    return entries
+
+
+def job_entries(job_id: str, user: str | None = None) -> list[QueueEntry]:
+    """The job ``job_id`` and its steps, as long as squeue lists them (COMPLETING too)."""
+    return [entry for entry in queue(user, steps=True) if entry.job_id == job_id]
+
+
+def job_state(job_id: str) -> str:
+    """The job's state as scontrol has it ("" once slurmctld has purged the job)."""
+    out = subprocess.run(
+        ["scontrol", "--oneliner", "show", "job", job_id],
+        capture_output=True, text=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+    fields = dict(word.split("=", 1) for word in out.split() if "=" in word)
+    return fields.get("JobState", "")
+
+
+def sbatch(*args: str, user: str | None = None) -> str:
+    """Submit a job (as ``user``, if given: the rig user's own job); its id."""
+    argv = ["sbatch", "--parsable", "--output=/dev/null", *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, check=True, timeout=30, cwd="/tmp"
+    ).stdout
+    return out.strip().split(";")[0]

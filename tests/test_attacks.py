@@ -22,25 +22,12 @@ import psutil
 import pytest
 
 from tests.conftest import KernelFactory
-from tests.intruder import EXECUTOR, SUBSCRIBER, print_markers
+from tests.intruder import EXECUTOR, intruder_python, read_iopub
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
-from tests.rig import SSHRig, remote_config, require_ssh
+from tests.rig import SSHRig
 from tests.stacks import CURVE_STACK, needs_curve_stack
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
-
-
-@pytest.fixture
-def rig() -> SSHRig:
-    rig = require_ssh()
-    if not rig.intruder or not rig.remote_python:
-        pytest.fail("rig.json has no ssh.intruder/remote_python; run scripts/test-rig up")
-    return rig
-
-
-@pytest.fixture
-def config(rig: SSHRig) -> dict[str, Any]:
-    return remote_config(rig)
 
 
 def as_intruder(rig: SSHRig, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -54,18 +41,18 @@ def as_intruder(rig: SSHRig, *argv: str, timeout: float = 30) -> subprocess.Comp
     )
 
 
-def intruder_python(
+def intruder_run(
     rig: SSHRig, code: str, *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` as the intruder on the remote host (inside its namespace)."""
     return subprocess.run(
-        ["ip", "netns", "exec", rig.netns, "runuser", "-u", rig.intruder, "--",
-         rig.remote_python, "-c", textwrap.dedent(code), *args],
+        [*intruder_python(rig, on_remote_host=True), "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=30,
         cwd="/",
         input=stdin,
-    )  # fmt: skip
+    )
 
 
 def remote_dir(rig: SSHRig, kernel_id: str) -> Path:
@@ -86,54 +73,56 @@ def secrets_of(rig: SSHRig, km: Any) -> list[str]:
 
 @needs_curve_stack
 async def test_kernel_encrypts_with_curvezmq_by_default(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig
 ) -> None:
-    km, kc = await started(start_kernel, config)
+    km, kc = await started(start_kernel, remote_config)
     try:
         assert km.curve_publickey is not None
-        info = json.loads((remote_dir(rig, km.kernel_id) / "connection.json").read_text())
+        info = json.loads((remote_dir(intruder_rig, km.kernel_id) / "connection.json").read_text())
         # The kernel wrote its file back with the curve keys: it runs with them.
         assert info["curve_publickey"] == km.curve_publickey.decode()
         result = await run_cell(kc, "print('through curve')")
         assert result.stdout.strip() == "through curve"
-        kernel_log = (remote_dir(rig, km.kernel_id) / "kernel.log").read_text()
+        kernel_log = (remote_dir(intruder_rig, km.kernel_id) / "kernel.log").read_text()
         assert "without encryption" not in kernel_log
     finally:
         kc.stop_channels()
 
 
 async def test_intruder_cannot_read_our_files(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig
 ) -> None:
-    km, kc = await started(start_kernel, config)
+    km, kc = await started(start_kernel, remote_config)
     try:
-        directory = remote_dir(rig, km.kernel_id)
-        secrets = secrets_of(rig, km)
+        directory = remote_dir(intruder_rig, km.kernel_id)
+        secrets = secrets_of(intruder_rig, km)
         for name in ("connection.json", "kernel.log", "wrapper.sh", "pid", "lease"):
-            attempt = as_intruder(rig, "cat", str(directory / name))
+            attempt = as_intruder(intruder_rig, "cat", str(directory / name))
             assert attempt.returncode != 0, name
             assert "Permission denied" in attempt.stderr
             assert not any(secret in attempt.stdout for secret in secrets)
-        listing = as_intruder(rig, "ls", str(directory.parent))
+        listing = as_intruder(intruder_rig, "ls", str(directory.parent))
         assert listing.returncode != 0
         assert km.kernel_id not in listing.stdout
         # What the intruder may list, it finds nothing of ours in.
-        found = as_intruder(rig, "grep", "-rlF", secrets[0], "/tmp", "/var/tmp", "/dev/shm")
+        found = as_intruder(
+            intruder_rig, "grep", "-rlF", secrets[0], "/tmp", "/var/tmp", "/dev/shm"
+        )
         assert found.stdout == ""
     finally:
         kc.stop_channels()
 
 
 async def test_intruder_finds_no_secret_in_proc(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig
 ) -> None:
-    km, kc = await started(start_kernel, config)
+    km, kc = await started(start_kernel, remote_config)
     try:
-        secrets = secrets_of(rig, km)
+        secrets = secrets_of(intruder_rig, km)
         # The HMAC key, and the CurveZMQ secret key where jupyter_client carries one.
         assert len(secrets) == (2 if CURVE_STACK else 1)
-        scan = intruder_python(
-            rig,
+        scan = intruder_run(
+            intruder_rig,
             """
             import glob, sys
             secrets = [s.encode() for s in sys.stdin.read().split()]  # not on our cmdline
@@ -168,31 +157,22 @@ async def test_intruder_finds_no_secret_in_proc(
 )
 async def test_intruder_subscribing_to_iopub_reads_nothing(
     start_kernel: KernelFactory,
-    config: dict[str, Any],
-    rig: SSHRig,
+    remote_config: dict[str, Any],
+    intruder_rig: SSHRig,
     encryption: str,
     mode: str,
     leaks: bool,
 ) -> None:
-    km, kc = await started(start_kernel, {**config, "transport_encryption": encryption})
+    km, kc = await started(start_kernel, {**remote_config, "transport_encryption": encryption})
     try:
         port = km.provisioner.remote.ports["iopub_port"]
-        marker = f"MARKER-{uuid.uuid4().hex[:8]}"
-        listener = asyncio.create_task(
-            asyncio.to_thread(
-                intruder_python, rig, SUBSCRIBER, f"tcp://127.0.0.1:{port}", marker, mode
-            )
-        )
-        await asyncio.sleep(0.5)
-        await print_markers(kc, marker)
-        attempt = await listener
-        assert attempt.returncode == 0, attempt.stderr
-        words = attempt.stdout.split()
-        messages, seen = int(words[1]), int(words[3])
-        if leaks:
-            assert seen > 0, attempt.stdout
+        python = intruder_python(intruder_rig, on_remote_host=True)
+        read = await read_iopub(python, kc, f"tcp://127.0.0.1:{port}", [mode])
+        messages, seen = read[mode]
+        if leaks:  # the control: the same window reads the markers without CurveZMQ
+            assert seen > 0, read
         else:
-            assert messages == 0, attempt.stdout
+            assert messages == 0, read
             assert seen == 0
     finally:
         kc.stop_channels()
@@ -210,42 +190,49 @@ async def test_intruder_subscribing_to_iopub_reads_nothing(
 )
 async def test_intruder_execute_request_does_not_run(
     start_kernel: KernelFactory,
-    config: dict[str, Any],
-    rig: SSHRig,
+    remote_config: dict[str, Any],
+    intruder_rig: SSHRig,
     encryption: str,
     key: str,
     runs: bool,
 ) -> None:
-    km, kc = await started(start_kernel, {**config, "transport_encryption": encryption})
+    km, kc = await started(start_kernel, {**remote_config, "transport_encryption": encryption})
     canary = Path(f"/tmp/npr-canary-{uuid.uuid4().hex[:8]}")
     try:
         port = km.provisioner.remote.ports["shell_port"]
-        secret = {"none": "", "guessed": uuid.uuid4().hex, "stolen": secrets_of(rig, km)[0]}[key]
+        secret = {
+            "none": "",
+            "guessed": uuid.uuid4().hex,
+            "stolen": secrets_of(intruder_rig, km)[0],
+        }[key]
         attempt = await asyncio.to_thread(
-            intruder_python, rig, EXECUTOR, f"tcp://127.0.0.1:{port}", str(canary), secret
+            intruder_run, intruder_rig, EXECUTOR, f"tcp://127.0.0.1:{port}", str(canary), secret
         )
         assert attempt.returncode == 0, attempt.stderr
-        await asyncio.sleep(1)
-        assert canary.exists() is runs, attempt.stdout
-        result = await run_cell(kc, "print('still mine')")  # the kernel still serves us
+        assert attempt.stdout.split() == ["REPLY", str(runs)]
+        # The kernel still serves us; and as it takes shell requests in turn, its answer
+        # to ours, sent after the intruder's ended, means the intruder's request has
+        # been run by now if it got in at all.
+        result = await run_cell(kc, "print('still mine')")
         assert result.stdout.strip() == "still mine"
+        assert canary.exists() is runs, attempt.stdout
     finally:
         kc.stop_channels()
         canary.unlink(missing_ok=True)
 
 
 async def test_intruder_cannot_signal_the_kernel(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig
 ) -> None:
-    km, kc = await started(start_kernel, config)
+    km, kc = await started(start_kernel, remote_config)
     try:
         pid = km.provisioner.remote.pid
         for sig in ("-INT", "-TERM", "-KILL"):
             for target in (str(pid), f"-{pid}"):  # the process, and its process group
-                attempt = as_intruder(rig, "kill", sig, "--", target)
+                attempt = as_intruder(intruder_rig, "kill", sig, "--", target)
                 assert attempt.returncode != 0
                 assert "not permitted" in attempt.stderr
-        await asyncio.sleep(0.5)
+        # kill(2) refused each signal (EPERM): none was delivered, so none can act later.
         assert await km.is_alive()
         result = await run_cell(kc, "print(1 + 1)")
         assert result.stdout.strip() == "2"
@@ -254,24 +241,23 @@ async def test_intruder_cannot_signal_the_kernel(
 
 
 async def test_nothing_of_ours_lives_in_shared_temporary_directories(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig
 ) -> None:
     """So files planted or replaced in /tmp by another user cannot reach the kernel."""
-    km, kc = await started(start_kernel, config)
+    km, kc = await started(start_kernel, remote_config)
     try:
         # The intruder plants what it can where a careless tool would look.
         for name in ("nersc_provisioner", "npr-agent", "kernel.json", "connection.json"):
-            as_intruder(rig, "ln", "-sf", "/dev/null", f"/tmp/{name}")
+            as_intruder(intruder_rig, "ln", "-sf", "/dev/null", f"/tmp/{name}")
         pid = km.provisioner.remote.pid
         ours = [psutil.Process(pid)]
-        watchdog = remote_dir(rig, km.kernel_id) / "watchdog"
+        watchdog = remote_dir(intruder_rig, km.kernel_id) / "watchdog"
         ours.append(psutil.Process(int(watchdog.read_text().strip())))
         shared = ("/tmp", "/var/tmp", "/dev/shm")
         for proc in ours:
             paths = [f.path for f in proc.open_files()] + [proc.cwd()]
             assert not [p for p in paths if p.startswith(shared)], (proc.cmdline(), paths)
             assert not any(arg.startswith(shared) for arg in proc.cmdline()), proc.cmdline()
-        await asyncio.sleep(0.5)
         result = await run_cell(kc, "print('unaffected')")
         assert result.stdout.strip() == "unaffected"
     finally:
@@ -283,25 +269,29 @@ async def test_nothing_of_ours_lives_in_shared_temporary_directories(
 @needs_curve_stack
 @pytest.mark.parametrize("shim", [DROPPING_SHIM, MERGING_SHIM], ids=["drops-keys", "merges"])
 async def test_curve_required_refuses_a_kernel_without_it(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, shim: str
+    start_kernel: KernelFactory, remote_config: dict[str, Any], intruder_rig: SSHRig, shim: str
 ) -> None:
     """An ipykernel without CurveZMQ, whether it drops the curve keys from its
     connection file or (as ipykernel 6 does) merges its ports into the file and keeps
     them: the kernel's own ZMTP greeting decides, not the file. 'required' and
     data_path 'direct' refuse it; 'auto' runs it unencrypted, with a warning, and the
     clients connect without CurveZMQ."""
-    argv = [rig.remote_python, "-c", shim, "-f", "{connection_file}"]
+    argv = [intruder_rig.remote_python, "-c", shim, "-f", "{connection_file}"]
     start = time.monotonic()
     with pytest.raises(Exception, match="does not support CurveZMQ") as info:
         await start_kernel(
-            {**config, "transport_encryption": "required"}, argv=argv, provisioner="nersc-cori"
+            {**remote_config, "transport_encryption": "required"},
+            argv=argv,
+            provisioner="nersc-cori",
         )
     assert "transport_encryption" in str(info.value)
     assert time.monotonic() - start < 30
     with pytest.raises(Exception, match="does not support CurveZMQ") as info:
-        await start_kernel({**config, "data_path": "direct"}, argv=argv, provisioner="nersc-cori")
+        await start_kernel(
+            {**remote_config, "data_path": "direct"}, argv=argv, provisioner="nersc-cori"
+        )
     assert "data_path 'direct' requires" in str(info.value)
-    km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
+    km = await start_kernel(remote_config, argv=argv, provisioner="nersc-cori")
     assert km.curve_publickey is None  # the clients do not expect encryption
     kc = await ready_client(km)
     try:

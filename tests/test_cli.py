@@ -23,7 +23,7 @@ from nersc_provisioner import (
 )
 from nersc_provisioner.cli import main
 from tests.commands import run_cli
-from tests.rig import require_lmod
+from tests.rig import LmodRig
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = sorted(p for p in (REPO / "entry_points").iterdir() if p.is_dir())
@@ -86,8 +86,8 @@ def test_install_list_show_remove_round_trip(jupyter_dirs: Path) -> None:
     assert "no kernel spec named 'round-trip'" in gone.stderr
 
 
-def test_install_rejects_unknown_module(jupyter_dirs: Path) -> None:
-    lmod = require_lmod()
+def test_install_rejects_unknown_module(jupyter_dirs: Path, lmod_rig: LmodRig) -> None:
+    lmod = lmod_rig
     result = run_cli(
         "install", "--user", "--name", "bad", "--module-use", str(lmod.modulepath),
         "--module", "nersc-test/1.0", "--module", "no-such-module",

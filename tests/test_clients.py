@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -74,35 +75,55 @@ class Server:
         return json.loads(response.body) if response.body else None
 
 
+class ServerOutput(threading.Thread):
+    """Copies the server's output to a log file.  ``said`` is set once the server says it
+    is running (it listens by then), or when its output ends (``running`` stays False)."""
+
+    def __init__(self, process: subprocess.Popen[str], log: Path) -> None:
+        super().__init__(daemon=True)
+        self.process, self.log = process, log
+        self.said = threading.Event()
+        self.running = False
+
+    def run(self) -> None:
+        assert self.process.stdout is not None
+        with self.log.open("w") as out, self.process.stdout:
+            for line in self.process.stdout:
+                out.write(line)
+                out.flush()
+                if "is running at" in line and not self.running:
+                    self.running = True
+                    self.said.set()
+        self.said.set()
+
+
 @pytest.fixture
 async def server(jupyter_dirs: Path, tmp_path: Path) -> AsyncIterator[Server]:
     """A real Jupyter Server with our kernel specs, on a free loopback port."""
     write_specs(jupyter_dirs)
     port, token = free_port(), uuid.uuid4().hex
-    log = (tmp_path / "server.log").open("w")
+    log = tmp_path / "server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
          f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}"],
-        stdout=log,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )  # fmt: skip
+    output = ServerOutput(process, log)
+    output.start()
     srv = Server(f"http://127.0.0.1:{port}", token, Path(os.environ["JUPYTER_RUNTIME_DIR"]))
     try:
-        for _ in range(300):
-            try:
-                await srv.request("GET", "/api/status")
-                break
-            except (ConnectionError, OSError):
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail(f"Jupyter Server did not answer: {(tmp_path / 'server.log').read_text()}")
+        await asyncio.to_thread(output.said.wait, 60)
+        if not output.running:
+            pytest.fail(f"Jupyter Server did not start: {log.read_text()}")
         yield srv
     finally:
         process.terminate()
         process.wait(30)
-        log.close()
+        output.join(10)
 
 
 def execute_request(code: str) -> tuple[str, dict[str, Any]]:

@@ -32,7 +32,6 @@ from nersc_provisioner.transports.connection import ConnectionPool, SSHConnectio
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
 from tests.kernels import (
-    TESTS_STARTED,
     output_after_reconnect,
     ready_client,
     run_cell,
@@ -40,11 +39,10 @@ from tests.kernels import (
     wait_until,
 )
 from tests.rig import (
+    JumpRig,
     SSHRig,
     kill_sshd_sessions,
-    remote_config,
-    require_jump,
-    require_ssh,
+    rig_processes,
     start_sshd,
     stop_sshd,
 )
@@ -52,34 +50,15 @@ from tests.rig import (
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
 
-@pytest.fixture
-def rig() -> SSHRig:
-    return require_ssh()
-
-
-@pytest.fixture
-def config(rig: SSHRig) -> dict[str, Any]:
-    return remote_config(rig)
-
-
-def ours(rig: SSHRig) -> list[str]:
+def ours(ssh_rig: SSHRig) -> list[str]:
     """The rig user's kernels and watchdogs (not the agents of connections still open)."""
-    found = []
-    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
-        if proc.info["create_time"] < TESTS_STARTED:  # not this run's (another run's leftovers)
-            continue
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["username"] != rig.user:
-            continue
-        line = " ".join(proc.info["cmdline"] or [])
-        if "ipykernel" in line or ("npr-watchdog" in line and "npr-agent" not in line):
-            found.append(line)
-    return found
+    return rig_processes(ssh_rig.user, ("kernel", "watchdog"))
 
 
 async def test_connection_reset_in_the_middle_of_20_mb_of_output(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
-    km = await start_kernel(config, provisioner="nersc-cori")
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
     try:
         await run_cell(kc, "kept = 'kept'")
@@ -93,7 +72,7 @@ async def test_connection_reset_in_the_middle_of_20_mb_of_output(
         assert received >= 2_000_000
         conn = km.provisioner.connection  # type: ignore[union-attr]
         before = conn.reconnects
-        assert kill_sshd_sessions(rig.sshd_pidfile) >= 2
+        assert kill_sshd_sessions(ssh_rig.sshd_pidfile) >= 2
         started = time.monotonic()
         # A request sent before the reset is noticed can be lost with the old TCP
         # connection (ZeroMQ does not resend); the cell goes once the connection is back.
@@ -109,11 +88,14 @@ async def test_connection_reset_in_the_middle_of_20_mb_of_output(
     finally:
         kc.stop_channels()
     await km.shutdown_kernel()
-    assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+    assert await wait_until(lambda: not ours(ssh_rig), 15), ours(ssh_rig)
 
 
 async def test_remote_kernel_killed_is_restarted_with_the_reason_logged(
-    config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path, caplog: pytest.LogCaptureFixture
+    remote_config: dict[str, Any],
+    ssh_rig: SSHRig,
+    jupyter_dirs: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """SIGKILL on the remote kernel: jupyter_client's restarter (as Jupyter Server runs
     it) sees it dead through poll(), logs why, and starts a new one."""
@@ -124,7 +106,9 @@ async def test_remote_kernel_killed_is_restarted_with_the_reason_logged(
     spec = {
         "display_name": name,
         "language": "python",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "nersc-cori", "config": config}},
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": "nersc-cori", "config": remote_config}
+        },
     }
     (folder / "kernel.json").write_text(json.dumps(spec))
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
@@ -160,27 +144,33 @@ async def test_remote_kernel_killed_is_restarted_with_the_reason_logged(
     finally:
         km.stop_restarter()
         await shutdown_quietly(km)
-    assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+    assert await wait_until(lambda: not ours(ssh_rig), 15), ours(ssh_rig)
 
 
 @contextlib.contextmanager
-def broken_runtime_dir(rig: SSHRig, how: str) -> Iterator[Path]:
+def broken_runtime_dir(ssh_rig: SSHRig, how: str) -> Iterator[Path]:
     """The remote user's ~/.nersc_provisioner made unwritable, or on a full filesystem."""
-    base = Path(f"/home/{rig.user}/.nersc_provisioner")
+    base = Path(f"/home/{ssh_rig.user}/.nersc_provisioner")
     saved = base.with_name(".nersc_provisioner.saved-by-test")
     if base.exists():
         base.rename(saved)
     base.mkdir()
-    shutil.chown(base, rig.user, rig.user)
+    shutil.chown(base, ssh_rig.user, ssh_rig.user)
     try:
         if how == "unwritable":
             base.chmod(0o500)
         else:  # a 64 KiB filesystem, filled up, as the remote host's sshd sees its files
             # (sshd runs in the mount namespace `ip netns exec` gave it)
-            in_sshd = ["nsenter", "--target", rig.sshd_pidfile.read_text().strip(), "--mount", "--"]
+            in_sshd = [
+                "nsenter",
+                "--target",
+                ssh_rig.sshd_pidfile.read_text().strip(),
+                "--mount",
+                "--",
+            ]
             subprocess.run(
                 [*in_sshd, "mount", "-t", "tmpfs", "-o",
-                 f"size=64k,mode=0700,uid={rig.user}", "npr-full", str(base)],
+                 f"size=64k,mode=0700,uid={ssh_rig.user}", "npr-full", str(base)],
                 check=True,
             )  # fmt: skip
             subprocess.run(
@@ -196,7 +186,7 @@ def broken_runtime_dir(rig: SSHRig, how: str) -> Iterator[Path]:
         yield base
     finally:
         if how == "full":
-            sshd = rig.sshd_pidfile.read_text().strip()
+            sshd = ssh_rig.sshd_pidfile.read_text().strip()
             subprocess.run(["nsenter", "--target", sshd, "--mount", "--", "umount", str(base)],
                            check=False)  # fmt: skip
         base.chmod(0o700)
@@ -207,25 +197,25 @@ def broken_runtime_dir(rig: SSHRig, how: str) -> Iterator[Path]:
 
 @pytest.mark.parametrize("how", ["unwritable", "full"])
 async def test_broken_remote_runtime_directory_is_a_clear_error(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig, how: str
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig, how: str
 ) -> None:
-    with broken_runtime_dir(rig, how):
+    with broken_runtime_dir(ssh_rig, how):
         started = time.monotonic()
         with pytest.raises(LaunchError) as info:
-            await start_kernel(config, provisioner="nersc-cori")
+            await start_kernel(remote_config, provisioner="nersc-cori")
         message = str(info.value)
         assert "cannot" in message
         assert ".nersc_provisioner" in message
         assert "writable and not over quota" in message  # the fix is named
         assert time.monotonic() - started < 30
-        assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+        assert await wait_until(lambda: not ours(ssh_rig), 15), ours(ssh_rig)
 
 
 async def test_killed_jupyter_side_leaves_nothing_that_ps_shows(
-    config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+    remote_config: dict[str, Any], ssh_rig: SSHRig, jupyter_dirs: Path
 ) -> None:
     """The Jupyter side is SIGKILLed: the watchdog ends the kernel; `ps HOST` lists none."""
-    spec_config = {**config, "lease_timeout": 15}
+    spec_config = {**remote_config, "lease_timeout": 15}
     folder = jupyter_dirs / "kernels" / "orphaned"
     folder.mkdir(parents=True)
     spec = {
@@ -263,7 +253,7 @@ async def test_killed_jupyter_side_leaves_nothing_that_ps_shows(
         proc.kill()
         await proc.wait()
         assert await wait_until(lambda: kernel_id not in run_cli("ps", "orphaned").stdout, 60, 2)
-        assert await wait_until(lambda: not ours(rig), 15), ours(rig)
+        assert await wait_until(lambda: not ours(ssh_rig), 15), ours(ssh_rig)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -286,19 +276,18 @@ while True:
 
 
 async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig, jump_rig: JumpRig
 ) -> None:
     """The host's connection drops and its sshd is replaced by a listener that accepts
     TCP and never speaks: the reconnect hangs in its login.  A new kernel asked of that
     host fails within its launch_timeout, naming the host and the reconnect; a kernel
     on another host (the rig's jump host) starts meanwhile."""
-    jump = require_jump()
-    km = await start_kernel(config, provisioner="nersc-cori")
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
     conn = km.provisioner.connection  # type: ignore[union-attr]
-    stop_sshd(rig)
+    stop_sshd(ssh_rig)
     mute = subprocess.Popen(
-        ["ip", "netns", "exec", rig.netns, sys.executable, "-c", MUTE_LISTENER, rig.host,
-         str(rig.port)],
+        ["ip", "netns", "exec", ssh_rig.netns, sys.executable, "-c", MUTE_LISTENER, ssh_rig.host,
+         str(ssh_rig.port)],
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -309,11 +298,11 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
         # The monitor's reconnect reached the listener: it is inside its login, hanging.
         accepted = await asyncio.wait_for(asyncio.to_thread(mute.stdout.readline), 30)
         assert accepted.strip() == "accepted"
-        other = {**config, "host": jump.host, "known_hosts": [str(jump.known_hosts)]}
+        other = {**remote_config, "host": jump_rig.host, "known_hosts": [str(jump_rig.known_hosts)]}
         timeout = 6.0
         started = time.monotonic()
         hanging = asyncio.create_task(
-            start_kernel({**config, "launch_timeout": timeout}, name="hanging",
+            start_kernel({**remote_config, "launch_timeout": timeout}, name="hanging",
                          provisioner="nersc-cori")
         )  # fmt: skip
         failed_at: list[float] = []
@@ -328,14 +317,14 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
         with pytest.raises(Exception, match="still reconnecting to") as info:
             await hanging
         elapsed = failed_at[0] - started
-        assert rig.host in str(info.value)
+        assert ssh_rig.host in str(info.value)
         assert elapsed < timeout + 4, f"failed after {elapsed:.1f} s"
     finally:
         mute.kill()
         mute.wait()
         if mute.stdout is not None:
             mute.stdout.close()
-        start_sshd(rig)
+        start_sshd(ssh_rig)
     assert await wait_until(lambda: conn.connected, 60)  # the first kernel's host is back
 
 
@@ -343,10 +332,10 @@ async def test_a_hanging_host_fails_a_new_start_within_launch_timeout(
 
 
 @contextlib.contextmanager
-def paused_sshd(rig: SSHRig) -> Iterator[None]:
+def paused_sshd(ssh_rig: SSHRig) -> Iterator[None]:
     """The rig's sshd stopped (SIGSTOP): a new TCP connection is accepted by the kernel's
     backlog, and its login waits for a banner until the sshd is continued."""
-    pid = int(rig.sshd_pidfile.read_text())
+    pid = int(ssh_rig.sshd_pidfile.read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
@@ -354,67 +343,57 @@ def paused_sshd(rig: SSHRig) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def tcp_to(rig: SSHRig) -> list[Any]:
+def tcp_to(ssh_rig: SSHRig) -> list[Any]:
     """This process's TCP connections to the rig's sshd."""
     return [
         c
         for c in psutil.Process().net_connections(kind="tcp")
-        if c.raddr and (c.raddr.ip, c.raddr.port) == (rig.host, rig.port)
-    ]
-
-
-def agents_since(rig: SSHRig, since: float) -> list[int]:
-    """The rig user's connection agents started after ``since`` (time.time())."""
-    return [
-        p.pid
-        for p in psutil.process_iter(["username", "cmdline", "create_time", "status"])
-        if p.info["username"] == rig.user
-        and p.info["create_time"] >= since
-        and p.info["status"] != psutil.STATUS_ZOMBIE
-        and "npr-agent" in " ".join(p.info["cmdline"] or [])
+        if c.raddr and (c.raddr.ip, c.raddr.port) == (ssh_rig.host, ssh_rig.port)
     ]
 
 
 async def test_a_close_during_a_reconnect_leaves_no_login_thread_or_agent(
-    config: dict[str, Any], rig: SSHRig
+    remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     """The connection drops and its reconnect is inside its login (the sshd paused) when
     the last kernel gives the connection up.  When the login then completes, it is
     closed at once: no TCP connection, no monitor thread, no agent on the host."""
-    target = NERSCCoriProvisioner(**config).target()
+    target = NERSCCoriProvisioner(**remote_config).target()
     conn = SSHConnection(target)
     await asyncio.to_thread(conn.open, 30)
     try:
-        with paused_sshd(rig):
+        with paused_sshd(ssh_rig):
             since = time.time()
-            assert kill_sshd_sessions(rig.sshd_pidfile) >= 2
+            assert kill_sshd_sessions(ssh_rig.sshd_pidfile) >= 2
             # The monitor's reconnect has its TCP connection (in the paused sshd's
             # backlog) and waits for the banner: a login under way.
-            assert await wait_until(lambda: not conn.connected and len(tcp_to(rig)) == 1, 15)
+            assert await wait_until(lambda: not conn.connected and len(tcp_to(ssh_rig)) == 1, 15)
             conn.close()
         # The sshd runs again: the login completes, sees the close, and ends.
         assert await asyncio.to_thread(conn.wait_closed, 30)
-        assert tcp_to(rig) == []
+        assert tcp_to(ssh_rig) == []
         assert not conn.connected
-        assert await wait_until(lambda: agents_since(rig, since) == [], 10)
+        assert await wait_until(
+            lambda: rig_processes(ssh_rig.user, ["agent"], since=since) == [], 10
+        )
     finally:
         conn.close()
 
 
 async def test_a_start_cancelled_during_its_login_leaves_nothing(
-    start_kernel: KernelFactory, config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     """A start cancelled while its login waits (the server stopping, a client giving up):
     the login completes later and closes itself; no listener, no pooled connection, no
     TCP connection, no agent, and the cancellation reaches the caller."""
     assert ConnectionPool.count() == 0, "a connection of an earlier test is still open"
     managers: list[Any] = []
-    with paused_sshd(rig):
+    with paused_sshd(ssh_rig):
         since = time.time()
         start = asyncio.create_task(
-            start_kernel(config, provisioner="nersc-cori", created=managers.append)
+            start_kernel(remote_config, provisioner="nersc-cori", created=managers.append)
         )
-        assert await wait_until(lambda: managers and len(tcp_to(rig)) == 1, 15)
+        assert await wait_until(lambda: managers and len(tcp_to(ssh_rig)) == 1, 15)
         prov = managers[0].provisioner
         conn = prov.hosts.login
         assert conn is not None
@@ -424,5 +403,5 @@ async def test_a_start_cancelled_during_its_login_leaves_nothing(
     assert await asyncio.to_thread(conn.wait_closed, 30)
     assert not prov.tunnel.is_open
     assert ConnectionPool.count() == 0
-    assert tcp_to(rig) == []
-    assert await wait_until(lambda: agents_since(rig, since) == [], 10)
+    assert tcp_to(ssh_rig) == []
+    assert await wait_until(lambda: rig_processes(ssh_rig.user, ["agent"], since=since) == [], 10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -22,16 +21,15 @@ from nersc_provisioner import (
 )
 from nersc_provisioner.transports.local import session_processes
 from tests.conftest import PYTHON_ARGV, KernelFactory
-from tests.kernels import ready_client, run_cell
-from tests.rig import require_lmod
+from tests.kernels import interrupt_running_cell, ready_client, run_cell
+from tests.rig import LmodRig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
 
 @pytest.fixture
-def lmod_config() -> dict[str, object]:
-    lmod = require_lmod()
-    return {"module_use": [str(lmod.modulepath)], "modules": ["nersc-test/1.0"]}
+def lmod_config(lmod_rig: LmodRig) -> dict[str, object]:
+    return {"module_use": [str(lmod_rig.modulepath)], "modules": ["nersc-test/1.0"]}
 
 
 @pytest.mark.oldest
@@ -79,18 +77,9 @@ async def test_interrupt_restart_shutdown_leave_nothing(
     # exec: the wrapper became the kernel, so the kernel runs as the launched PID.
     assert "ipykernel_launcher" in " ".join(psutil.Process(first_pid).cmdline())
 
-    msg_id = kc.execute("import time; time.sleep(60)")
-    await asyncio.sleep(1.0)  # let the cell start sleeping
-    started = time.monotonic()
-    await km.interrupt_kernel()
-    while True:
-        reply = await kc.get_shell_msg(timeout=5)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
-    elapsed = time.monotonic() - started
-    assert reply["content"]["status"] == "error"
-    assert reply["content"]["ename"] == "KeyboardInterrupt"
-    assert elapsed < 1.0, f"interrupt took {elapsed:.2f} s"
+    reply = await interrupt_running_cell(km, kc)
+    assert reply["status"] == "error"
+    assert reply["ename"] == "KeyboardInterrupt"
 
     await km.restart_kernel()
     await kc.wait_for_ready(timeout=60)
@@ -241,10 +230,9 @@ async def test_hostile_env_value_reaches_the_kernel_verbatim(
 
 
 async def test_explicit_module_init_script(
-    start_kernel: KernelFactory, lmod_config: dict[str, object]
+    start_kernel: KernelFactory, lmod_config: dict[str, object], lmod_rig: LmodRig
 ) -> None:
-    lmod = require_lmod()
-    config = {**lmod_config, "module_init": str(lmod.init), "modules": ["nersc-test/2.0"]}
+    config = {**lmod_config, "module_init": str(lmod_rig.init), "modules": ["nersc-test/2.0"]}
     km = await start_kernel(config, argv=PYTHON_ARGV)
     kc = await ready_client(km)
     try:

@@ -26,32 +26,23 @@ import pytest
 
 from nersc_provisioner import LaunchError
 from tests.conftest import PYTHON_ARGV, KernelFactory
-from tests.intruder import EXECUTOR, SUBSCRIBER, print_markers
+from tests.intruder import EXECUTOR, intruder_python, read_iopub
 from tests.kernels import DROPPING_SHIM, MERGING_SHIM, ready_client, run_cell
-from tests.rig import SSHRig, remote_config, require_lmod, require_ssh
+from tests.rig import LmodRig, SSHRig, require_lmod
 from tests.stacks import needs_curve_stack
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
 
 
-@pytest.fixture
-def rig() -> SSHRig:
-    rig = require_ssh()
-    if not rig.intruder or not rig.remote_python:
-        pytest.fail("rig.json has no ssh.intruder/remote_python; run scripts/test-rig up")
-    return rig
-
-
-def intruder_python(rig: SSHRig, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+def intruder_run(rig: SSHRig, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` as the intruder, on this host (not in the remote namespace)."""
     return subprocess.run(
-        ["runuser", "-u", rig.intruder, "--", rig.remote_python, "-c", textwrap.dedent(code),
-         *args],
+        [*intruder_python(rig, on_remote_host=False), "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=30,
         cwd="/",
-    )  # fmt: skip
+    )
 
 
 def endpoint(km: Any, channel: str) -> str:
@@ -61,41 +52,27 @@ def endpoint(km: Any, channel: str) -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-async def outputs_read_by_intruder(rig: SSHRig, km: Any, kc: Any) -> dict[str, tuple[int, int]]:
-    """The intruder subscribes to IOPub while the kernel prints, once plainly and once
-    guessing at CurveZMQ: (messages, markers) each got."""
-    marker = f"MARKER-{uuid.uuid4().hex[:8]}"
-    modes = ("plain", "guess-curve")
-    listeners = [
-        asyncio.to_thread(intruder_python, rig, SUBSCRIBER, endpoint(km, "iopub"), marker, mode)
-        for mode in modes
-    ]
-    gathered = asyncio.gather(*listeners)
-    await asyncio.sleep(0.5)
-    await print_markers(kc, marker)
-    results = {}
-    for mode, attempt in zip(modes, await gathered, strict=True):
-        assert attempt.returncode == 0, attempt.stderr
-        words = attempt.stdout.split()
-        results[mode] = (int(words[1]), int(words[3]))
-    return results
-
-
-async def code_run_by_intruder(rig: SSHRig, km: Any, keys: dict[str, str]) -> dict[str, bool]:
+async def code_run_by_intruder(
+    rig: SSHRig, km: Any, kc: Any, keys: dict[str, str]
+) -> dict[str, bool]:
     """The intruder sends execute_requests signed with each of ``keys``: which ran?"""
     canaries = {name: Path(f"/tmp/npr-canary-{uuid.uuid4().hex[:8]}") for name in keys}
     try:
         attempts = await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    intruder_python, rig, EXECUTOR, endpoint(km, "shell"), str(canaries[n]), k
+                    intruder_run, rig, EXECUTOR, endpoint(km, "shell"), str(canaries[n]), k
                 )
                 for n, k in keys.items()
             )
         )
         for attempt in attempts:
             assert attempt.returncode == 0, attempt.stderr
-        await asyncio.sleep(1)
+        # The kernel still serves us; and as it takes shell requests in turn, its answer
+        # to ours, sent after every intruder's request ended, means each of those has
+        # been run by now if it got in at all.
+        result = await run_cell(kc, "print('still mine')")
+        assert result.stdout.strip() == "still mine"
         return {name: canary.exists() for name, canary in canaries.items()}
     finally:
         for canary in canaries.values():
@@ -103,11 +80,15 @@ async def code_run_by_intruder(rig: SSHRig, km: Any, keys: dict[str, str]) -> di
 
 
 async def attack(rig: SSHRig, km: Any, kc: Any) -> dict[str, Any]:
-    """Every attack on one running kernel; what each obtained."""
-    read = await outputs_read_by_intruder(rig, km, kc)
+    """Every attack on one running kernel; what each obtained.  The intruder subscribes
+    to IOPub while the kernel prints, once plainly and once guessing at CurveZMQ; then
+    sends execute_requests."""
+    python = intruder_python(rig, on_remote_host=False)
+    read = await read_iopub(python, kc, endpoint(km, "iopub"), ["plain", "guess-curve"])
     ran = await code_run_by_intruder(
         rig,
         km,
+        kc,
         {
             "execute-unsigned": "",
             "execute-guessed-key": uuid.uuid4().hex,
@@ -115,8 +96,6 @@ async def attack(rig: SSHRig, km: Any, kc: Any) -> dict[str, Any]:
             "execute-stolen-key": km.session.key.decode(),
         },
     )
-    result = await run_cell(kc, "print('still mine')")  # the kernel still serves us
-    assert result.stdout.strip() == "still mine"
     return {"subscribe": read["plain"], "subscribe-guessing-curve": read["guess-curve"], **ran}
 
 
@@ -158,7 +137,7 @@ def target_config(target: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str
 @needs_curve_stack
 @pytest.mark.parametrize("target", ["plain", "modules", "setup", "container"])
 async def test_intruder_reads_nothing_and_runs_nothing(
-    start_kernel: KernelFactory, rig: SSHRig, tmp_path: Path, target: str
+    start_kernel: KernelFactory, intruder_rig: SSHRig, tmp_path: Path, target: str
 ) -> None:
     config, env = target_config(target, tmp_path)
     km = await start_kernel(config, argv=PYTHON_ARGV, env=env)
@@ -166,20 +145,20 @@ async def test_intruder_reads_nothing_and_runs_nothing(
     assert km.curve_publickey is not None  # CurveZMQ: ipykernel 7.4 encrypts
     kc = await ready_client(km)
     try:
-        assert await attack(rig, km, kc) == NOTHING
+        assert await attack(intruder_rig, km, kc) == NOTHING
     finally:
         kc.stop_channels()
 
 
 async def test_control_the_same_attacks_work_without_protection(
-    start_kernel: KernelFactory, rig: SSHRig
+    start_kernel: KernelFactory, intruder_rig: SSHRig
 ) -> None:
     """jupyter_client's default, and ours with transport_encryption 'disabled'."""
     km = await start_kernel({"transport_encryption": "disabled"}, argv=PYTHON_ARGV)
     assert km.curve_publickey is None
     kc = await ready_client(km)
     try:
-        results = await attack(rig, km, kc)
+        results = await attack(intruder_rig, km, kc)
     finally:
         kc.stop_channels()
     messages, markers = results["subscribe"]
@@ -191,7 +170,7 @@ async def test_control_the_same_attacks_work_without_protection(
 
 @pytest.mark.parametrize("shim", [DROPPING_SHIM, MERGING_SHIM], ids=["drops-keys", "merges"])
 async def test_kernel_without_curve_runs_on_private_ipc_sockets(
-    start_kernel: KernelFactory, rig: SSHRig, shim: str
+    start_kernel: KernelFactory, intruder_rig: SSHRig, shim: str
 ) -> None:
     """An ipykernel without CurveZMQ (it drops our keys, or merges its ports as
     ipykernel 6 does): its greeting says NULL, so it is started again on IPC sockets in
@@ -205,8 +184,10 @@ async def test_kernel_without_curve_runs_on_private_ipc_sockets(
     assert len(f"{km.ip}-5") <= 107
     kc = await ready_client(km)
     try:
-        assert await attack(rig, km, kc) == NOTHING
-        entered = intruder_python(rig, "import os, sys; print(os.listdir(sys.argv[1]))", directory)
+        assert await attack(intruder_rig, km, kc) == NOTHING
+        entered = intruder_run(
+            intruder_rig, "import os, sys; print(os.listdir(sys.argv[1]))", directory
+        )
         assert entered.returncode != 0
         assert "PermissionError" in entered.stderr
     finally:
@@ -256,15 +237,18 @@ async def test_kernel_that_can_do_neither_is_refused_or_warned(
     [pytest.param("auto", marks=needs_curve_stack), "disabled", "auto-without-curve"],
 )
 async def test_tunnel_listeners_are_closed_to_other_users(
-    start_kernel: KernelFactory, rig: SSHRig, encryption: str
+    start_kernel: KernelFactory,
+    intruder_rig: SSHRig,
+    remote_config: dict[str, Any],
+    encryption: str,
 ) -> None:
     """With CurveZMQ the listeners are 127.0.0.1 ports carrying ciphertext that only the
     holder of the server key can open; without it (disabled, or a remote kernel without
     CurveZMQ under auto) they are Unix sockets in a directory of mode 0700."""
-    config = remote_config(rig)
+    config = dict(remote_config)
     argv = None
     if encryption == "auto-without-curve":
-        argv = [rig.remote_python, "-c", DROPPING_SHIM, "-f", "{connection_file}"]
+        argv = [intruder_rig.remote_python, "-c", DROPPING_SHIM, "-f", "{connection_file}"]
     else:
         config["transport_encryption"] = encryption
     km = await start_kernel(config, argv=argv, provisioner="nersc-cori")
@@ -278,7 +262,7 @@ async def test_tunnel_listeners_are_closed_to_other_users(
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     kc = await ready_client(km)
     try:
-        assert await attack(rig, km, kc) == NOTHING
+        assert await attack(intruder_rig, km, kc) == NOTHING
         # A restart keeps the listeners where the clients are (jupyter_client deletes
         # an IPC kernel's socket files at each restart; ours are bound again).
         endpoints = (km.transport, km.ip, km.shell_port)
@@ -295,9 +279,8 @@ async def test_tunnel_listeners_are_closed_to_other_users(
 
 
 @needs_curve_stack
-def test_demo_prints_no_encryption_warning() -> None:
+def test_demo_prints_no_encryption_warning(lmod_rig: LmodRig) -> None:
     """`make demo`'s script: ipykernel's "without encryption" warning is gone."""
-    require_lmod()
     demo = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
     result = subprocess.run(
         [sys.executable, str(demo)], capture_output=True, text=True, timeout=120, check=False
@@ -313,29 +296,29 @@ def test_demo_prints_no_encryption_warning() -> None:
 
 
 @pytest.fixture
-def ipykernel6(rig: SSHRig) -> str:
-    if not rig.ipykernel6_python:
+def ipykernel6(intruder_rig: SSHRig) -> str:
+    if not intruder_rig.ipykernel6_python:
         pytest.fail("rig.json has no ssh.ipykernel6_python; run scripts/test-rig up")
-    return rig.ipykernel6_python
+    return intruder_rig.ipykernel6_python
 
 
 VERSION = "import ipykernel; print(ipykernel.__version__)"
 
 
-async def runs_ipykernel6_out_of_reach(rig: SSHRig, km: Any) -> None:
+async def runs_ipykernel6_out_of_reach(intruder_rig: SSHRig, km: Any) -> None:
     """The kernel is ipykernel 6, it answers us, and no attack gets in."""
     kc = await ready_client(km)
     try:
         result = await run_cell(kc, VERSION)
         assert result.stdout.strip().startswith("6.")
-        assert await attack(rig, km, kc) == NOTHING
+        assert await attack(intruder_rig, km, kc) == NOTHING
     finally:
         kc.stop_channels()
 
 
 @needs_curve_stack
 async def test_real_ipykernel6_runs_on_private_ipc_sockets(
-    start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str
+    start_kernel: KernelFactory, intruder_rig: SSHRig, ipykernel6: str
 ) -> None:
     """ipykernel 6 (with the jupyter_client 8.10 pip installs next to it) exits when
     its connection file holds CurveZMQ keys: it is started again on IPC sockets in a
@@ -355,7 +338,7 @@ async def test_real_ipykernel6_runs_on_private_ipc_sockets(
     assert km.transport == "ipc"
     assert km.curve_publickey is None
     assert stat.S_IMODE(os.stat(os.path.dirname(km.ip)).st_mode) == 0o700
-    await runs_ipykernel6_out_of_reach(rig, km)
+    await runs_ipykernel6_out_of_reach(intruder_rig, km)
 
 
 #: ipykernel 6 behind a gate that exits when asked for IPC (as IJulia was reported to).
@@ -368,14 +351,18 @@ NO_IPC_WRAPPER = (
 
 @needs_curve_stack
 async def test_real_ipykernel6_on_a_remote_host(
-    start_kernel: KernelFactory, rig: SSHRig, ipykernel6: str, caplog: pytest.LogCaptureFixture
+    start_kernel: KernelFactory,
+    intruder_rig: SSHRig,
+    remote_config: dict[str, Any],
+    ipykernel6: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """ipykernel 6 next to jupyter_client 8.10 (what pip installs with it) dies at startup
     when its connection file holds CurveZMQ keys.  Under required that is the error,
     its traceback quoted; under auto the kernel is started again without keys, with a
     warning, and the tunnel's listeners on this host are Unix sockets in a 0700
     directory."""
-    config = {**remote_config(rig), "remote_python": ipykernel6}
+    config = {**remote_config, "remote_python": ipykernel6}
     with pytest.raises(LaunchError, match="exited during startup") as info:
         await start_kernel(
             {**config, "transport_encryption": "required"}, name="refused", provisioner="nersc-cori"
@@ -386,4 +373,4 @@ async def test_real_ipykernel6_on_a_remote_host(
     assert km.curve_publickey is None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("exited at startup when given CurveZMQ keys" in w for w in warnings), warnings
-    await runs_ipykernel6_out_of_reach(rig, km)
+    await runs_ipykernel6_out_of_reach(intruder_rig, km)

@@ -22,44 +22,27 @@ from nersc_provisioner.errors import UnknownHostKeyError
 from nersc_provisioner.transports.connection import ConnectionPool
 from tests.commands import run_cli
 from tests.conftest import KernelFactory
-from tests.kernels import output_after_reconnect, ready_client, run_cell, wait_until
+from tests.kernels import (
+    interrupt_running_cell,
+    logged,
+    output_after_reconnect,
+    ready_client,
+    run_cell,
+    wait_until,
+)
 from tests.rig import (
+    PROCESS_KINDS,
+    JumpRig,
+    LmodRig,
     SSHRig,
     jump_ssh_config,
     kill_sshd_sessions,
-    require_jump,
-    require_lmod,
-    require_ssh,
+    rig_processes,
     start_sshd,
     stop_sshd,
 )
-from tests.rig import remote_config as rig_remote_config
 
 pytestmark = [pytest.mark.kernel, pytest.mark.rig]
-
-
-@pytest.fixture
-def rig() -> SSHRig:
-    return require_ssh()
-
-
-@pytest.fixture
-def remote_config(rig: SSHRig) -> dict[str, Any]:
-    return rig_remote_config(rig)
-
-
-def remote_processes(rig: SSHRig, since: float = 0.0) -> list[str]:
-    """Command lines of the rig user's processes started after ``since`` (a time.time()).
-
-    The netns shares our PID namespace, so they are visible from here.
-    """
-    found = []
-    for proc in psutil.process_iter(["username", "cmdline", "status", "create_time"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["create_time"] < since:
-            continue
-        if proc.info["username"] == rig.user and proc.info["cmdline"]:
-            found.append(" ".join(proc.info["cmdline"]))
-    return found
 
 
 def running(pid: int) -> bool:
@@ -70,14 +53,9 @@ def running(pid: int) -> bool:
         return False
 
 
-def ours(lines: list[str]) -> list[str]:
-    marks = ("ipykernel", "npr-watchdog", "npr-agent", "nersc-kernel")
-    return [line for line in lines if any(mark in line for mark in marks)]
-
-
 @pytest.mark.oldest
 async def test_lifecycle_inside_the_namespace(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     since = time.time() - 1
     km = await start_kernel(remote_config, provisioner="nersc-cori")
@@ -85,19 +63,10 @@ async def test_lifecycle_inside_the_namespace(
     ports = {name: getattr(km, name) for name in ("shell_port", "iopub_port", "hb_port")}
     try:
         result = await run_cell(kc, "import subprocess; print(subprocess.getoutput('hostname -I'))")
-        assert rig.host in result.stdout.split()
+        assert ssh_rig.host in result.stdout.split()
 
-        msg_id = kc.execute("import time; time.sleep(60)")
-        await asyncio.sleep(1.0)
-        started = time.monotonic()
-        await km.interrupt_kernel()
-        while True:
-            reply = await kc.get_shell_msg(timeout=5)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        elapsed = time.monotonic() - started
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert elapsed < 1.0, f"interrupt took {elapsed:.2f} s"
+        reply = await interrupt_running_cell(km, kc)
+        assert reply["ename"] == "KeyboardInterrupt"
 
         first_pid = km.provisioner.remote.pid  # type: ignore[union-attr]
         await km.restart_kernel()
@@ -109,15 +78,15 @@ async def test_lifecycle_inside_the_namespace(
     finally:
         kc.stop_channels()
     await km.shutdown_kernel()
-    assert await wait_until(lambda: not ours(remote_processes(rig, since)), 10), ours(
-        remote_processes(rig, since)
+    assert await wait_until(lambda: not rig_processes(ssh_rig.user, since=since), 10), (
+        rig_processes(ssh_rig.user, since=since)
     )
-    home = Path(f"/home/{rig.user}/.nersc_provisioner/kernels")
+    home = Path(f"/home/{ssh_rig.user}/.nersc_provisioner/kernels")
     assert not (home / str(km.kernel_id)).exists()
 
 
 async def test_secrets_stay_put(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     records: list[str] = []
 
@@ -147,12 +116,12 @@ async def test_secrets_stay_put(
                 except OSError:
                     continue
                 assert key not in data, f"key in /proc/{proc.name}/{part}"
-        kernel_dir = Path(f"/home/{rig.user}/.nersc_provisioner/kernels/{km.kernel_id}")
+        kernel_dir = Path(f"/home/{ssh_rig.user}/.nersc_provisioner/kernels/{km.kernel_id}")
         assert kernel_dir.stat().st_mode & 0o777 == 0o700
         assert (kernel_dir / "connection.json").stat().st_mode & 0o777 == 0o600
         remote = km.provisioner.remote  # type: ignore[union-attr]
         listening = subprocess.run(
-            ["ip", "netns", "exec", rig.netns, "ss", "-ltnH"],
+            ["ip", "netns", "exec", ssh_rig.netns, "ss", "-ltnH"],
             capture_output=True,
             text=True,
             check=True,
@@ -172,7 +141,7 @@ async def test_secrets_stay_put(
 
 @pytest.mark.oldest
 async def test_drop_and_recovery_keeps_the_kernel(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
@@ -180,7 +149,7 @@ async def test_drop_and_recovery_keeps_the_kernel(
     before = conn.reconnects
     try:
         await run_cell(kc, "kept = 'still here'")
-        assert kill_sshd_sessions(rig.sshd_pidfile) >= 2  # the sshd serving our connection
+        assert kill_sshd_sessions(ssh_rig.sshd_pidfile) >= 2  # the sshd serving our connection
         started = time.monotonic()
         # A request sent before the reset is noticed (about 0.2 s here) can be lost
         # with the old TCP connection; so the cell goes once the connection is back.
@@ -222,26 +191,32 @@ async def test_kernel_crashing_at_import_fails_fast_with_its_stderr(
 
 
 async def test_failing_module_is_named(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig, lmod_rig: LmodRig
 ) -> None:
-    lmod = require_lmod()
-    config = {**remote_config, "module_use": [str(lmod.modulepath)], "modules": ["broken/1.0"]}
+    config = {
+        **remote_config,
+        "module_use": [str(lmod_rig.modulepath)],
+        "modules": ["broken/1.0"],
+    }
     since = time.time() - 1
     with pytest.raises(ModuleLoadError) as info:
         await start_kernel(config, provisioner="nersc-cori")
     assert "broken/1.0: this modulefile fails on" in str(info.value)
-    assert rig.host in str(info.value)
+    assert ssh_rig.host in str(info.value)
     # The failed start closed the connection; sshd ends the agent's session soon after.
-    assert await wait_until(lambda: not ours(remote_processes(rig, since)), 10), ours(
-        remote_processes(rig, since)
+    assert await wait_until(lambda: not rig_processes(ssh_rig.user, since=since), 10), (
+        rig_processes(ssh_rig.user, since=since)
     )
 
 
 async def test_module_variable_is_seen_remotely(
-    start_kernel: KernelFactory, remote_config: dict[str, Any]
+    start_kernel: KernelFactory, remote_config: dict[str, Any], lmod_rig: LmodRig
 ) -> None:
-    lmod = require_lmod()
-    config = {**remote_config, "module_use": [str(lmod.modulepath)], "modules": ["nersc-test/2.0"]}
+    config = {
+        **remote_config,
+        "module_use": [str(lmod_rig.modulepath)],
+        "modules": ["nersc-test/2.0"],
+    }
     km = await start_kernel(config, provisioner="nersc-cori", env={"NPR_FROM_SPEC": "a b'c"})
     kc = await ready_client(km)
     try:
@@ -262,9 +237,9 @@ async def test_unknown_host_key_fails_the_start(
 
 
 async def test_ten_kernels_share_one_connection(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
-    log = rig.sshd_pidfile.parent / "sshd.log"
+    log = ssh_rig.sshd_pidfile.parent / "sshd.log"
     before = len(log.read_text().splitlines())
     managers = await asyncio.gather(
         *(start_kernel(remote_config, name=f"k{i}", provisioner="nersc-cori") for i in range(10))
@@ -284,13 +259,13 @@ async def test_ten_kernels_share_one_connection(
 
 
 async def test_a_new_kernel_after_a_shutdown_needs_no_second_login(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     """With connection_persist (default 60 s) the connection outlives the host's last
     kernel: a kernel started after a shutdown uses it, with no second login."""
     config = {**remote_config}
     del config["connection_persist"]  # the default
-    log = rig.sshd_pidfile.parent / "sshd.log"
+    log = ssh_rig.sshd_pidfile.parent / "sshd.log"
     before = len(log.read_text().splitlines())
     first = await start_kernel(config, name="first", provisioner="nersc-cori")
     conn = first.provisioner.connection  # type: ignore[union-attr]
@@ -392,7 +367,7 @@ ORPHAN = textwrap.dedent(
 
 
 async def test_watchdog_ends_the_kernel_of_a_killed_manager(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig, jupyter_dirs: Path
 ) -> None:
     config = {**remote_config, "lease_timeout": 15}
     folder = jupyter_dirs / "kernels" / "orphan"
@@ -423,9 +398,9 @@ async def test_watchdog_ends_the_kernel_of_a_killed_manager(
         assert gone_after > 5, "the kernel died too early: the lease should have kept it"
         # Its watchdog is gone too, and so is its directory.
         assert await wait_until(
-            lambda: not [c for c in remote_processes(rig) if kernel_id in c], 15
+            lambda: not rig_processes(ssh_rig.user, PROCESS_KINDS, containing=kernel_id), 15
         )
-        assert not Path(f"/home/{rig.user}/.nersc_provisioner/kernels/{kernel_id}").exists()
+        assert not Path(f"/home/{ssh_rig.user}/.nersc_provisioner/kernels/{kernel_id}").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -433,9 +408,9 @@ async def test_watchdog_ends_the_kernel_of_a_killed_manager(
 
 
 async def test_proxyjump_with_two_hops(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], tmp_path: Path
+    start_kernel: KernelFactory, remote_config: dict[str, Any], jump_rig: JumpRig, tmp_path: Path
 ) -> None:
-    jump = require_jump()
+    jump = jump_rig
     # inner is reachable only from inside the jump namespace; two hops lead there.
     config_file = jump_ssh_config(tmp_path / "ssh_config", jump, "gate,gate")
     config = {
@@ -454,12 +429,13 @@ async def test_proxyjump_with_two_hops(
 
 
 async def test_check_ps_and_kill_commands(
-    remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path
+    remote_config: dict[str, Any], ssh_rig: SSHRig, jupyter_dirs: Path
 ) -> None:
     installed = run_cli(
         "install", "--user", "--name", "rig-check", "--provisioner", "nersc-cori",
-        "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
-        "--known-hosts", str(rig.known_hosts), "--remote-python", rig.remote_python,
+        "--host", ssh_rig.host, "--remote-user", ssh_rig.user,
+        "--identity-file", str(ssh_rig.identity_file),
+        "--known-hosts", str(ssh_rig.known_hosts), "--remote-python", ssh_rig.remote_python,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     checked = run_cli("check", "rig-check")
@@ -490,13 +466,14 @@ async def test_check_ps_and_kill_commands(
 
 
 async def test_bad_check_names_the_failing_step(
-    remote_config: dict[str, Any], rig: SSHRig, jupyter_dirs: Path, tmp_path: Path
+    remote_config: dict[str, Any], ssh_rig: SSHRig, jupyter_dirs: Path, tmp_path: Path
 ) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     installed = run_cli(
         "install", "--user", "--name", "rig-bad", "--provisioner", "nersc-cori",
-        "--host", rig.host, "--remote-user", rig.user, "--identity-file", str(rig.identity_file),
+        "--host", ssh_rig.host, "--remote-user", ssh_rig.user,
+        "--identity-file", str(ssh_rig.identity_file),
         "--known-hosts", str(empty),
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
@@ -507,7 +484,7 @@ async def test_bad_check_names_the_failing_step(
 
 
 async def test_restarted_sshd_is_survived(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
@@ -515,10 +492,12 @@ async def test_restarted_sshd_is_survived(
         await run_cell(kc, "kept = 41 + 1")
         conn = km.provisioner.connection  # type: ignore[union-attr]
         before = conn.reconnects
-        stop_sshd(rig)
-        await asyncio.sleep(2)  # the host is unreachable for a while
+        with logged(f"@{ssh_rig.host}:{ssh_rig.port} failed") as reconnect_failed:
+            stop_sshd(ssh_rig)
+            # The host is unreachable for a while: a reconnect to it has failed.
+            assert await asyncio.to_thread(reconnect_failed.wait, 30)
         assert not conn.connected
-        start_sshd(rig)
+        start_sshd(ssh_rig)
         started = time.monotonic()
         assert await wait_until(lambda: conn.reconnects > before, 15)
         tries = await output_after_reconnect(kc, "print(kept)", "42")
@@ -540,6 +519,8 @@ async def test_lease_is_renewed_while_connected(
         pid = km.provisioner.remote.pid  # type: ignore[union-attr]
         for _ in range(14):  # 42 s: almost three lease periods
             assert await km.is_alive()
+            # Time itself is what this test needs to pass (the lease is wall-clock), at
+            # the pace of jupyter_client's restarter, which polls every 3 s.
             await asyncio.sleep(3)
         assert running(pid)
         assert km.provisioner.remote.pid == pid  # type: ignore[union-attr]
@@ -550,7 +531,7 @@ async def test_lease_is_renewed_while_connected(
 
 
 async def test_network_cut_for_five_seconds_is_survived(
-    start_kernel: KernelFactory, remote_config: dict[str, Any], rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any], ssh_rig: SSHRig
 ) -> None:
     km = await start_kernel(remote_config, provisioner="nersc-cori")
     kc = await ready_client(km)
@@ -558,7 +539,7 @@ async def test_network_cut_for_five_seconds_is_survived(
     try:
         await run_cell(kc, "kept = 'across the cut'")
         subprocess.run([*link, "down"], check=True)
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # the fault itself: the cut lasts 5 s
         subprocess.run([*link, "up"], check=True)
         started = time.monotonic()
         result = await run_cell(kc, "print(kept)", timeout=30)

@@ -127,7 +127,8 @@ def test_watchdog_ends_a_kernel_whose_lease_expired(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        # Renewed: the kernel lives past the timeout.
+        # Renewed: the kernel lives past the timeout.  Time itself is what must pass here
+        # (the lease is wall-clock): 4 s, twice the 2 s timeout, renewed every second.
         for _ in range(4):
             time.sleep(1)
             lease.touch()
@@ -165,6 +166,7 @@ def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
     kernel = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(300)", str(connection)],
         start_new_session=True,
+        text=True,
     )
     start = Path(f"/proc/{kernel.pid}/stat").read_text().split()[21]
     agent = subprocess.Popen(
@@ -202,14 +204,16 @@ def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
         odd = tmp_path / "k) 7 8 9"
         odd.symlink_to(sys.executable)
         kernel = subprocess.Popen(
-            [str(odd), "-c", "import time; time.sleep(300)", str(connection)],
+            [str(odd), "-c", "import time; print('up', flush=True); time.sleep(300)",
+             str(connection)],
             start_new_session=True,
-        )
-        wait_for = time.monotonic() + 10
-        while "k) 7" not in Path(f"/proc/{kernel.pid}/stat").read_text():
-            assert time.monotonic() < wait_for, "the stand-in never exec'd"
-            time.sleep(0.01)
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert kernel.stdout is not None
+        assert kernel.stdout.readline() == "up\n"  # it runs: exec'd under its odd name
         stat = Path(f"/proc/{kernel.pid}/stat").read_text()
+        assert "k) 7" in stat
         start = stat.rpartition(") ")[2].split()[19]
         assert ask(f"alive 7 {kernel.pid} {start} kid") == "alive"
         assert ask(f"alive 8 {kernel.pid} 7 kid") == "dead"
@@ -219,6 +223,8 @@ def test_agent_verifies_pid_and_signals_the_group(tmp_path: Path) -> None:
         if kernel.poll() is None:
             kernel.kill()
             kernel.wait()
+        if kernel.stdout is not None:
+            kernel.stdout.close()
 
 
 def test_hostile_values_in_the_launch_script_are_carried_not_run(tmp_path: Path) -> None:

@@ -16,38 +16,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.rig import (
-    JumpRig,
-    LmodRig,
-    SlurmRig,
-    SSHRig,
-    require_jump,
-    require_lmod,
-    require_slurm,
-    require_ssh,
-)
+from tests.kernels import poll_until
+from tests.rig import JumpRig, LmodRig, SlurmRig, SSHRig, job_entries
 
 pytestmark = pytest.mark.rig
-
-
-@pytest.fixture
-def ssh_rig() -> SSHRig:
-    return require_ssh()
-
-
-@pytest.fixture
-def slurm_rig() -> SlurmRig:
-    return require_slurm()
-
-
-@pytest.fixture
-def lmod_rig() -> LmodRig:
-    return require_lmod()
-
-
-@pytest.fixture
-def jump_rig() -> JumpRig:
-    return require_jump()
 
 
 # --- ssh: the "remote login node" in netns npr-remote -----------------------------
@@ -291,12 +263,6 @@ def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def queued_job_ids() -> set[str]:
-    result = run(["squeue", "-h", "-o", "%i"], timeout=30)
-    assert result.returncode == 0, result.stderr
-    return set(result.stdout.split())
-
-
 def test_sbatch_job_runs_and_sees_its_job_id(slurm_rig: SlurmRig, tmp_path: Path) -> None:
     out = tmp_path / "job_id.txt"
     result = run(
@@ -324,13 +290,10 @@ def test_salloc_no_shell_then_scancel_leaves_queue_empty(slurm_rig: SlurmRig) ->
     assert match, result.stderr
     job_id = match.group(1)
     try:
-        assert job_id in queued_job_ids()
+        assert [e.name for e in job_entries(job_id) if not e.is_step] == [name]
     finally:
         assert run(["scancel", job_id], timeout=30).returncode == 0
-    deadline = time.monotonic() + 20
-    while job_id in queued_job_ids():
-        assert time.monotonic() < deadline, f"job {job_id} still in squeue after scancel"
-        time.sleep(0.5)
+    assert poll_until(lambda: not job_entries(job_id), 20, step=0.5), job_entries(job_id)
 
 
 # --- lmod -------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 
 import pytest
 
@@ -18,7 +17,8 @@ from nersc_provisioner.slurm import (
     SlurmOptions,
 )
 from nersc_provisioner.slurm.commands import holder_argv, parse_scontrol
-from tests.rig import require_slurm
+from tests.kernels import poll_until
+from tests.rig import SlurmRig, job_entries
 
 
 @pytest.mark.parametrize(
@@ -66,16 +66,8 @@ def test_parse_scontrol() -> None:
     assert fields["Reason"] == "TimeLimit"
 
 
-def in_queue(job_id: str) -> bool:
-    out = subprocess.run(
-        ["squeue", "--noheader", "--format=%i"], capture_output=True, text=True, check=True
-    ).stdout
-    return job_id in out.split()
-
-
 @pytest.mark.rig
-def test_allocation_runs_and_is_cancelled() -> None:
-    require_slurm()
+def test_allocation_runs_and_is_cancelled(slurm_rig: SlurmRig) -> None:
     allocation = SlurmAllocation(SlurmOptions(time="10"))
     job_id = allocation.submit()
     try:
@@ -84,16 +76,14 @@ def test_allocation_runs_and_is_cancelled() -> None:
         assert status.nodes
     finally:
         assert allocation.cancel()
-    deadline = time.monotonic() + 30
-    while in_queue(job_id) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not in_queue(job_id)
+    assert poll_until(lambda: not job_entries(job_id), 30), job_entries(job_id)
     assert allocation.status().state in (JobState.CANCELLED, JobState.GONE)
 
 
 @pytest.mark.rig
-def test_queue_timeout_cancels_the_job_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    require_slurm()
+def test_queue_timeout_cancels_the_job_and_says_so(
+    slurm_rig: SlurmRig, caplog: pytest.LogCaptureFixture
+) -> None:
     allocation = SlurmAllocation(SlurmOptions(extra_args=("--begin=now+1hour",)))
     job_id = allocation.submit()
     caplog.set_level(logging.INFO, logger="nersc_provisioner.slurm")
@@ -103,28 +93,24 @@ def test_queue_timeout_cancels_the_job_and_says_so(caplog: pytest.LogCaptureFixt
     assert "PENDING" in str(info.value)
     assert "cancelled" in str(info.value)
     assert any("waited" in r.getMessage() and job_id in r.getMessage() for r in caplog.records)
-    assert not in_queue(job_id)
+    assert not job_entries(job_id), job_entries(job_id)
 
 
 @pytest.mark.rig
-def test_external_scancel_is_seen_as_cancelled() -> None:
-    require_slurm()
+def test_external_scancel_is_seen_as_cancelled(slurm_rig: SlurmRig) -> None:
     allocation = SlurmAllocation(SlurmOptions())
     job_id = allocation.submit()
     try:
         allocation.wait_running(timeout=60)
         subprocess.run(["scancel", job_id], check=True)
-        deadline = time.monotonic() + 30
-        while not allocation.status().state.terminal and time.monotonic() < deadline:
-            time.sleep(0.5)
+        assert poll_until(lambda: allocation.status().state.terminal, 30, step=0.5)
         assert allocation.status().state is JobState.CANCELLED
     finally:
         allocation.cancel()
 
 
 @pytest.mark.rig
-def test_attaching_to_a_finished_job_is_refused() -> None:
-    require_slurm()
+def test_attaching_to_a_finished_job_is_refused(slurm_rig: SlurmRig) -> None:
     first = SlurmAllocation(SlurmOptions())
     job_id = first.submit()
     first.cancel()
@@ -133,15 +119,12 @@ def test_attaching_to_a_finished_job_is_refused() -> None:
 
 
 @pytest.mark.rig
-def test_job_hitting_its_time_limit_reports_timeout() -> None:
-    require_slurm()
+def test_job_hitting_its_time_limit_reports_timeout(slurm_rig: SlurmRig) -> None:
     allocation = SlurmAllocation(SlurmOptions(time="1"))  # one minute
     allocation.submit()
     try:
         allocation.wait_running(timeout=60)
-        deadline = time.monotonic() + 180
-        while not allocation.status().state.terminal and time.monotonic() < deadline:
-            time.sleep(2)
+        assert poll_until(lambda: allocation.status().state.terminal, 180, step=2)
         assert allocation.status().state is JobState.TIMEOUT
     finally:
         allocation.cancel()

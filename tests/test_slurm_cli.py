@@ -7,14 +7,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from nersc_provisioner.cli import main
 from tests.commands import run_cli
-from tests.rig import Rig, require_compute_node
+from tests.kernels import poll_until
+from tests.rig import Rig, job_entries, job_state, sbatch
 
 HOSTILE = ("a b", "x;touch /tmp/npr-slurm-cli-canary", "$(id)", "`id`", "q'\"")
 
@@ -226,13 +226,8 @@ def test_install_help_explains_the_slurm_flags() -> None:
 # --- check against the rig ------------------------------------------------------------
 
 
-@pytest.fixture
-def rig() -> Rig:
-    return require_compute_node()
-
-
-def install_rig_spec(rig: Rig, name: str, tmp_path: Path, *extra: str) -> None:
-    ssh = rig.ssh
+def install_rig_spec(compute_node_rig: Rig, name: str, tmp_path: Path, *extra: str) -> None:
+    ssh = compute_node_rig.ssh
     assert ssh is not None
     assert ssh.remote_python
     no_config = tmp_path / "ssh_config"  # empty: ~/.ssh/config plays no part
@@ -259,41 +254,19 @@ def steps_of(stdout: str) -> list[tuple[str, str, float, str]]:
     return found
 
 
-def job_left(user: str, job_id: str) -> list[str]:
-    """The job's and its steps' rows in the queue (COMPLETING included)."""
-    rows = []
-    for extra in ([], ["--steps"]):
-        out = subprocess.run(
-            ["squeue", "--noheader", f"--user={user}", "--format=%i %T", *extra],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        rows += [r for r in out.splitlines() if r.split() and r.split()[0].split(".")[0] == job_id]
-    return rows
-
-
-def job_state(job_id: str) -> str:
-    out = subprocess.run(
-        ["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True
-    ).stdout
-    match = re.search(r"JobState=(\S+)", out)
-    return match.group(1) if match else ""
-
-
 def gone(user: str, job_id: str, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while job_left(user, job_id) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return not job_left(user, job_id)
+    """True once the job and its steps have left the queue (COMPLETING included)."""
+    return poll_until(lambda: not job_entries(job_id, user), timeout, step=0.5)
 
 
 @pytest.mark.rig
 @pytest.mark.kernel
 def test_check_runs_every_slurm_step_and_cancels_its_job(
-    rig: Rig, jupyter_dirs: Path, tmp_path: Path
+    compute_node_rig: Rig, jupyter_dirs: Path, tmp_path: Path
 ) -> None:
-    user = rig.ssh.user  # type: ignore[union-attr]
-    node = rig.slurm.node  # type: ignore[union-attr]
-    install_rig_spec(rig, "slurm-check", tmp_path)
+    user = compute_node_rig.ssh.user  # type: ignore[union-attr]
+    node = compute_node_rig.slurm.node  # type: ignore[union-attr]
+    install_rig_spec(compute_node_rig, "slurm-check", tmp_path)
     checked = run_cli("check", "slurm-check", timeout=600)
     print(checked.stdout)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -311,7 +284,7 @@ def test_check_runs_every_slurm_step_and_cancels_its_job(
     )
     assert waited, details["queue wait"]
     assert abs(float(waited.group(1)) - seconds["queue wait"]) < 5
-    assert details["node ssh"].startswith(f"{node} ({rig.slurm.node_addr})")  # type: ignore[union-attr]
+    assert details["node ssh"].startswith(f"{node} ({compute_node_rig.slurm.node_addr})")  # type: ignore[union-attr]
     assert "SHA256:" in details["node ssh"]
     assert "ipykernel" in details["probe in a step"]
     assert f"srun step of job {job_id} on {node}" in details["probe in a step"]
@@ -319,14 +292,16 @@ def test_check_runs_every_slurm_step_and_cancels_its_job(
     assert f"(in Slurm job {job_id})" in details["start kernel and run a cell"]
     assert f"job {job_id}" in details["cancel the Slurm job"]
 
-    assert gone(user, job_id), job_left(user, job_id)
+    assert gone(user, job_id), job_entries(job_id, user)
     assert job_state(job_id) in ("CANCELLED", ""), job_state(job_id)  # "": already purged
 
 
 @pytest.mark.rig
-def test_a_failing_step_still_cancels_the_job(rig: Rig, jupyter_dirs: Path, tmp_path: Path) -> None:
-    user = rig.ssh.user  # type: ignore[union-attr]
-    install_rig_spec(rig, "slurm-bad-python", tmp_path)
+def test_a_failing_step_still_cancels_the_job(
+    compute_node_rig: Rig, jupyter_dirs: Path, tmp_path: Path
+) -> None:
+    user = compute_node_rig.ssh.user  # type: ignore[union-attr]
+    install_rig_spec(compute_node_rig, "slurm-bad-python", tmp_path)
     folder = jupyter_dirs / "kernels" / "slurm-bad-python"
     spec = json.loads((folder / "kernel.json").read_text())
     spec["metadata"]["kernel_provisioner"]["config"]["remote_python"] = "/no/such/python"
@@ -340,29 +315,25 @@ def test_a_failing_step_still_cancels_the_job(rig: Rig, jupyter_dirs: Path, tmp_
     assert "/no/such/python" in checked.stdout
     assert steps[-1][0] == "ok"
     job_id = re.match(r"job (\d+)", steps[3][3]).group(1)  # type: ignore[union-attr]
-    assert gone(user, job_id), job_left(user, job_id)
+    assert gone(user, job_id), job_entries(job_id, user)
 
 
 @pytest.mark.rig
 @pytest.mark.kernel
 def test_check_leaves_the_users_own_job_running(
-    rig: Rig, jupyter_dirs: Path, tmp_path: Path
+    compute_node_rig: Rig, jupyter_dirs: Path, tmp_path: Path
 ) -> None:
-    user = rig.ssh.user  # type: ignore[union-attr]
-    job_id = subprocess.run(
-        ["runuser", "-u", user, "--", "sbatch", "--parsable", "--output=/dev/null", "--time=10",
-         "--wrap", "exec sleep infinity"],
-        capture_output=True, text=True, check=True, cwd="/tmp",
-    ).stdout.strip().split(";")[0]  # fmt: skip
+    user = compute_node_rig.ssh.user  # type: ignore[union-attr]
+    job_id = sbatch("--time=10", "--wrap", "exec sleep infinity", user=user)
     try:
-        install_rig_spec(rig, "slurm-mine", tmp_path, "--slurm-job-id", job_id)
+        install_rig_spec(compute_node_rig, "slurm-mine", tmp_path, "--slurm-job-id", job_id)
         checked = run_cli("check", "slurm-mine", timeout=600)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         steps = steps_of(checked.stdout)
         assert [s[1] for s in steps] == SLURM_STEPS[:-1], checked.stdout  # no cancel step
         assert f"attached to your job {job_id}" in steps[3][3]
         assert f"job {job_id} running on" in steps[4][3]
-        time.sleep(1)
+        # The check has exited: nothing of it is left that could still cancel the job.
         assert job_state(job_id) == "RUNNING"
     finally:
         subprocess.run(["scancel", job_id], check=False)
@@ -370,10 +341,10 @@ def test_check_leaves_the_users_own_job_running(
 
 @pytest.mark.rig
 def test_ctrl_c_during_the_check_cancels_the_job(
-    rig: Rig, jupyter_dirs: Path, tmp_path: Path
+    compute_node_rig: Rig, jupyter_dirs: Path, tmp_path: Path
 ) -> None:
-    user = rig.ssh.user  # type: ignore[union-attr]
-    install_rig_spec(rig, "slurm-interrupted", tmp_path)
+    user = compute_node_rig.ssh.user  # type: ignore[union-attr]
+    install_rig_spec(compute_node_rig, "slurm-interrupted", tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nersc_provisioner", "check", "slurm-interrupted"],
         stdout=subprocess.PIPE,
@@ -400,15 +371,15 @@ def test_ctrl_c_during_the_check_cancels_the_job(
     assert "check interrupted" in output
     job_id = re.search(r"job (\d+) submitted", output).group(1)  # type: ignore[union-attr]
     assert f"job {job_id}, submitted by this check" in output  # the cancel step ran
-    assert gone(user, job_id), job_left(user, job_id)
+    assert gone(user, job_id), job_entries(job_id, user)
 
 
 # --- check of a nersc-local spec with slurm (Jupyter on the login node) ---------------------
 
 
-def install_local_rig_spec(rig: Rig, name: str, *extra: str) -> None:
+def install_local_rig_spec(compute_node_rig: Rig, name: str, *extra: str) -> None:
     """nersc-local with slurm, as root on this machine: sbatch here, ssh to the node."""
-    ssh = rig.ssh
+    ssh = compute_node_rig.ssh
     assert ssh is not None
     result = run_cli(
         "install", "--user", "--name", name, "--python", sys.executable,
@@ -420,10 +391,12 @@ def install_local_rig_spec(rig: Rig, name: str, *extra: str) -> None:
 
 @pytest.mark.rig
 @pytest.mark.kernel
-def test_check_of_nersc_local_with_slurm_runs_the_steps_here(rig: Rig, jupyter_dirs: Path) -> None:
-    node = rig.slurm.node  # type: ignore[union-attr]
-    node_addr = rig.slurm.node_addr  # type: ignore[union-attr]
-    install_local_rig_spec(rig, "local-slurm-check")
+def test_check_of_nersc_local_with_slurm_runs_the_steps_here(
+    compute_node_rig: Rig, jupyter_dirs: Path
+) -> None:
+    node = compute_node_rig.slurm.node  # type: ignore[union-attr]
+    node_addr = compute_node_rig.slurm.node_addr  # type: ignore[union-attr]
+    install_local_rig_spec(compute_node_rig, "local-slurm-check")
     checked = run_cli("check", "local-slurm-check", timeout=600)
     print(checked.stdout)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -437,28 +410,24 @@ def test_check_of_nersc_local_with_slurm_runs_the_steps_here(rig: Rig, jupyter_d
     job_id = submitted.group(1)
     assert re.match(rf"job {job_id} running on {node} after", details["queue wait"]), details
     assert details["node ssh"].startswith(f"{node} ({node_addr}) as root, directly from here")
-    assert str(rig.ssh.identity_file) in details["node ssh"]  # type: ignore[union-attr]
+    assert str(compute_node_rig.ssh.identity_file) in details["node ssh"]  # type: ignore[union-attr]
     assert "SHA256:" in details["node ssh"]
     assert f"srun step of job {job_id} on {node}" in details["probe in a step"]
     assert f"on {node} " in details["start kernel and run a cell"]
     assert f"(in Slurm job {job_id})" in details["start kernel and run a cell"]
     assert details["cancel the Slurm job"] == f"job {job_id}, submitted by this check, cancelled"
 
-    assert gone("root", job_id), job_left("root", job_id)
+    assert gone("root", job_id), job_entries(job_id, "root")
     assert job_state(job_id) in ("CANCELLED", ""), job_state(job_id)
 
 
 @pytest.mark.rig
 def test_check_leaves_the_users_pending_job_in_the_queue_on_timeout(
-    rig: Rig, jupyter_dirs: Path
+    compute_node_rig: Rig, jupyter_dirs: Path
 ) -> None:
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", "--output=/dev/null", "--time=10", "--begin=now+1hour",
-         "--wrap", "exec sleep infinity"],
-        capture_output=True, text=True, check=True, cwd="/tmp",
-    ).stdout.strip().split(";")[0]  # fmt: skip
+    job_id = sbatch("--time=10", "--begin=now+1hour", "--wrap", "exec sleep infinity")
     try:
-        install_local_rig_spec(rig, "local-slurm-mine", "--slurm-job-id", job_id)
+        install_local_rig_spec(compute_node_rig, "local-slurm-mine", "--slurm-job-id", job_id)
         spec = jupyter_dirs / "kernels" / "local-slurm-mine" / "kernel.json"
         data = json.loads(spec.read_text())
         data["metadata"]["kernel_provisioner"]["config"]["queue_timeout"] = 2
