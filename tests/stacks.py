@@ -21,3 +21,15 @@ needs_curve_stack = pytest.mark.skipif(
     reason=f"asserts CurveZMQ on the Jupyter side, which jupyter_client {JUPYTER_CLIENT} "
     "cannot do (8.9 or later can)",
 )
+
+IPYKERNEL = importlib.metadata.version("ipykernel")
+
+#: ipykernel 7.3 or later encrypts with the CurveZMQ keys in its connection file; an
+#: older one ignores them, and a CurveZMQ client of it never completes a handshake.
+CURVE_IPYKERNEL = tuple(int(part) for part in IPYKERNEL.split(".")[:2]) >= (7, 3)
+
+#: Why a test that starts this venv's ipykernel with CurveZMQ keys cannot run here.
+NO_CURVE_IPYKERNEL = (
+    f"starts this venv's ipykernel with CurveZMQ keys, which ipykernel {IPYKERNEL} "
+    "ignores (7.3 or later encrypts)"
+)
