@@ -27,7 +27,6 @@ from nersc_provisioner.provisioners.encryption import (
 )
 from tests.conftest import PYTHON_ARGV, KernelFactory
 from tests.kernels import ready_client, run_cell
-from tests.rig import SSHRig, remote_config, require_ssh
 from tests.stacks import CURVE_STACK, JUPYTER_CLIENT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,11 +72,6 @@ def test_the_curve_check_follows_the_jupyter_client_version() -> None:
     assert no_curve_keys_reason() == f"{VERSION_NAMED} (jupyter_client 8.9 or later does)"
 
 
-@pytest.fixture
-def rig() -> SSHRig:
-    return require_ssh()
-
-
 async def shell_mechanism(km: AsyncKernelManager) -> str:
     """What the remote kernel's shell socket announces in its ZMTP greeting."""
     provisioner: Any = km.provisioner
@@ -104,11 +98,11 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.mark.kernel
 @pytest.mark.oldest
 async def test_cori_kernel_under_auto_on_this_jupyter_client(
-    start_kernel: KernelFactory, rig: SSHRig, caplog: pytest.LogCaptureFixture
+    start_kernel: KernelFactory, remote_config: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The default policy starts a kernel and runs a cell on either stack; on the oldest
     without CurveZMQ (its greeting says NULL), and the log says why."""
-    km = await start_kernel(remote_config(rig), provisioner="nersc-cori")
+    km = await start_kernel(remote_config, provisioner="nersc-cori")
     await prints_42(km)
     said = [w for w in warnings(caplog) if VERSION_NAMED in w]
     if CURVE_STACK:
@@ -127,12 +121,12 @@ async def test_cori_kernel_under_auto_on_this_jupyter_client(
 @pytest.mark.kernel
 @pytest.mark.oldest
 async def test_cori_kernel_under_required_on_this_jupyter_client(
-    start_kernel: KernelFactory, rig: SSHRig
+    start_kernel: KernelFactory, remote_config: dict[str, Any]
 ) -> None:
     """``required`` starts an encrypting kernel on the newest stack; on the oldest it is
     refused before any login, naming the installed and the needed jupyter_client, and
     so is ``data_path: direct`` (which requires CurveZMQ)."""
-    config = {**remote_config(rig), "transport_encryption": "required"}
+    config = {**remote_config, "transport_encryption": "required"}
     if CURVE_STACK:
         km = await start_kernel(config, provisioner="nersc-cori")
         assert await shell_mechanism(km) == "CURVE"
