@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from tests.conftest import PYTHON_ARGV
-from tests.kernels import DROPPING_SHIM
+from tests.kernels import DROPPING_SHIM, wait_until
 from tests.stacks import needs_curve_stack
 
 pytestmark = [pytest.mark.kernel]
@@ -75,55 +74,43 @@ class Server:
         return json.loads(response.body) if response.body else None
 
 
-class ServerOutput(threading.Thread):
-    """Copies the server's output to a log file.  ``said`` is set once the server says it
-    is running (it listens by then), or when its output ends (``running`` stays False)."""
-
-    def __init__(self, process: subprocess.Popen[str], log: Path) -> None:
-        super().__init__(daemon=True)
-        self.process, self.log = process, log
-        self.said = threading.Event()
-        self.running = False
-
-    def run(self) -> None:
-        assert self.process.stdout is not None
-        with self.log.open("w") as out, self.process.stdout:
-            for line in self.process.stdout:
-                out.write(line)
-                out.flush()
-                if "is running at" in line and not self.running:
-                    self.running = True
-                    self.said.set()
-        self.said.set()
-
-
 @pytest.fixture
 async def server(jupyter_dirs: Path, tmp_path: Path) -> AsyncIterator[Server]:
     """A real Jupyter Server with our kernel specs, on a free loopback port."""
     write_specs(jupyter_dirs)
     port, token = free_port(), uuid.uuid4().hex
-    log = tmp_path / "server.log"
+    log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
          f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}"],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )  # fmt: skip
-    output = ServerOutput(process, log)
-    output.start()
     srv = Server(f"http://127.0.0.1:{port}", token, Path(os.environ["JUPYTER_RUNTIME_DIR"]))
+
+    async def answers() -> bool:
+        """The server answers (or has died: no use waiting)."""
+        if process.poll() is not None:
+            return True
+        try:
+            await srv.request("GET", "/api/status")
+        except (ConnectionError, OSError):
+            return False
+        return True
+
     try:
-        await asyncio.to_thread(output.said.wait, 60)
-        if not output.running:
-            pytest.fail(f"Jupyter Server did not start: {log.read_text()}")
+        # No event says the server listens: it logs "is running at" before it binds
+        # (jupyter_server 2.21 binds in its event loop's first callback).
+        answered = await wait_until(answers, 60, step=0.1)
+        if not answered or process.poll() is not None:
+            pytest.fail(f"Jupyter Server did not answer: {(tmp_path / 'server.log').read_text()}")
         yield srv
     finally:
         process.terminate()
         process.wait(30)
-        output.join(10)
+        log.close()
 
 
 def execute_request(code: str) -> tuple[str, dict[str, Any]]:
