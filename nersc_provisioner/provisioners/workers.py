@@ -9,15 +9,45 @@ others are served at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+
+class ThreadPool(Executor):
+    """A thread pool that a forked child replaces with one of its own.
+
+    A child made by ``fork()`` (a ``ProcessPoolExecutor`` worker, a ``multiprocessing``
+    process) has none of the parent's threads, but a ``ThreadPoolExecutor`` there still
+    counts them as idle: work submitted in the child waits for a thread that does not
+    exist, and every kernel start in it hangs.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._pool = self._new_pool()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix)
+
+    def _renew(self) -> None:
+        self._pool = self._new_pool()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
 #: Blocking SSH work runs here, never on the Jupyter event loop.
-SSH_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nersc-ssh")
+SSH_EXECUTOR = ThreadPool(max_workers=32, thread_name_prefix="nersc-ssh")
 
 
 async def in_thread(func: Any, *args: Any) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -501,3 +502,19 @@ class ConnectionPool:
     def count(cls) -> int:
         with cls._lock:
             return len(cls._connections)
+
+    @classmethod
+    def _forget_after_fork(cls) -> None:
+        """In a forked child: the parent's connections are not ours to use or close.
+
+        Their threads did not come along (nor the timers of those kept open without a
+        user), and their sockets are the parent's SSH sessions (a message sent on one
+        would corrupt the parent's).  The child opens connections of its own; the lock
+        may have been held by a thread that is gone.
+        """
+        cls._lock = threading.Lock()
+        cls._connections = {}
+        cls._expiries = {}
+
+
+os.register_at_fork(after_in_child=ConnectionPool._forget_after_fork)

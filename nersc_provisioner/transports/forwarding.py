@@ -75,6 +75,13 @@ class PortForwarder:
                 cls._instance = cls()
             return cls._instance
 
+    @classmethod
+    def _forget_after_fork(cls) -> None:
+        """In a forked child: a forwarder of its own when one is needed (the parent's
+        thread did not come along; the lock may have been held by a thread that is gone)."""
+        cls._instance_lock = threading.Lock()
+        cls._instance = None
+
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -359,3 +366,6 @@ class PortForwarder:
             pair.sock.close()
         with contextlib.suppress(Exception):
             pair.chan.close()
+
+
+os.register_at_fork(after_in_child=PortForwarder._forget_after_fork)
