@@ -46,7 +46,7 @@ def test_attempts_by_policy() -> None:
         Protection.IPC,
         Protection.PLAIN,
     ]
-    # A kernel manager that cannot carry CurveZMQ keys (jupyter_client < 8.9): no CURVE.
+    # A kernel manager that cannot carry CurveZMQ keys (jupyter_client < 8.10): no CURVE.
     assert protection_attempts("required", self_binding=True, curve_keys=False) == [Protection.IPC]
     # A restart goes straight to what worked.
     assert protection_attempts(

@@ -69,7 +69,7 @@ def test_the_curve_check_follows_the_jupyter_client_version() -> None:
     older.curve_publickey = None  # a plain attribute is not the trait a client reads
     assert not manager_carries_curve_keys(older)
     assert not manager_carries_curve_keys(object())
-    assert no_curve_keys_reason() == f"{VERSION_NAMED} (jupyter_client 8.9 or later does)"
+    assert no_curve_keys_reason() == f"{VERSION_NAMED} (jupyter_client 8.10 or later does)"
 
 
 async def shell_mechanism(km: AsyncKernelManager) -> str:
@@ -136,8 +136,8 @@ async def test_cori_kernel_under_required_on_this_jupyter_client(
         with pytest.raises(ConfigError) as info:
             await start_kernel(settings, name=name, provisioner="nersc-cori")
         message = str(info.value)
-        assert f"{VERSION_NAMED} (jupyter_client 8.9 or later does)" in message
-        assert "What to do: install jupyter_client 8.9 or later" in message
+        assert f"{VERSION_NAMED} (jupyter_client 8.10 or later does)" in message
+        assert "What to do: install jupyter_client 8.10 or later" in message
 
 
 @pytest.mark.kernel

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -39,19 +40,33 @@ DIED_WITH_KEYS_WARNING = (
 )
 
 
-#: The first jupyter_client whose KernelManager carries CurveZMQ keys (its
-#: ``curve_publickey`` and ``curve_secretkey`` traits) to the kernel's clients.
-CURVE_JUPYTER_CLIENT = "8.9"
+#: The first jupyter_client whose KernelManager carries CurveZMQ keys to the kernel's
+#: clients. 8.9 added the keys (``curve_publickey`` and ``curve_secretkey`` traits), but
+#: its ``KernelManager.client()`` hands them over as text, which every client refuses
+#: with a TraitError (jupyter_client#1136, fixed in 8.10.0): no ``km.client()`` works.
+CURVE_JUPYTER_CLIENT = "8.10"
 
 
-def manager_carries_curve_keys(km: Any) -> bool:
-    """Whether this kernel manager (or manager class) can give its clients CurveZMQ keys:
-    jupyter_client 8.9 or later.  The one place that tells the stacks apart."""
+def clients_take_curve_keys(version: str | None = None) -> bool:
+    """Whether jupyter_client ``version`` (default: the installed one) gives the clients
+    ``KernelManager.client()`` makes the kernel's CurveZMQ keys."""
+    installed = version or importlib.metadata.version("jupyter_client")
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
+    return release >= tuple(int(part) for part in CURVE_JUPYTER_CLIENT.split("."))
+
+
+def _has_curve_traits(km: Any) -> bool:
     cls = km if isinstance(km, type) else type(km)
     return all(
         isinstance(getattr(cls, trait, None), TraitType)
         for trait in ("curve_publickey", "curve_secretkey")
     )
+
+
+def manager_carries_curve_keys(km: Any) -> bool:
+    """Whether this kernel manager (or manager class) can give its clients CurveZMQ keys:
+    jupyter_client 8.10 or later.  The one place that tells the stacks apart."""
+    return _has_curve_traits(km) and clients_take_curve_keys()
 
 
 def no_curve_keys_reason() -> str:
@@ -87,6 +102,8 @@ def provide_curve_keys(km: Any, policy: str, *, name: str, log: logging.Logger |
     (``required`` for data_path direct: its ports are on the network).  Whether it has
     one now; refuses ``required`` where the manager cannot carry one."""
     if not manager_carries_curve_keys(km):
+        if _has_curve_traits(km):  # 8.9.x: no kernel gets keys its clients cannot take
+            km.curve_publickey = km.curve_secretkey = None
         if policy == "required":
             raise ConfigError(
                 "CurveZMQ is required (transport_encryption 'required', or data_path "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,19 +141,45 @@ class KernelExited(Exception):
         self.exit_code = exit_code
 
 
+#: How long a CurveZMQ kernel given its ports (a restart) may take, after its shell
+#: socket answers, to write its connection file back; past it we go on without.
+REWRITE_GRACE = 2.0
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _rewritten(path: str, ours: tuple[int, int] | None) -> bool:
+    """Whether the kernel has replaced the connection file we wrote, and finished."""
+    return _file_identity(path) != ours and kernel_ports(path) is not None
+
+
 async def wait_for_sockets(
     process: Any, connection_file: str, info: Mapping[str, Any], timeout: float
 ) -> SocketsReady:
     """Wait until the kernel started with ``info`` listens on its shell socket.
 
     Ports 0 are read back from the connection file once the kernel has written
-    them.  Raises :class:`KernelExited` if the process ends first, TimeoutError
-    after ``timeout`` seconds.
+    them.  A CurveZMQ kernel given its ports (a restart) writes the file back too,
+    just after it binds (ipykernel 7.3+ always does: its keys are bytes, the file's
+    are text): a new file at the same path, empty for a moment.  jupyter_client reads
+    the file as soon as the start returns, so that write is waited for as well (for
+    up to ``REWRITE_GRACE`` seconds).  Raises :class:`KernelExited` if the process
+    ends first, TimeoutError after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     transport, ip = str(info["transport"]), str(info["ip"])
     ports = {name: int(info[name]) for name in PORT_NAMES}
+    ours = _file_identity(connection_file) if all(ports.values()) else None
+    rewrite = ours is not None and "curve_secretkey" in info
     step = 0.005
+    mechanism: str | None = None
+    listening_at = 0.0
     while True:
         code = process.poll()
         if code is not None:
@@ -160,10 +187,15 @@ async def wait_for_sockets(
         if not all(ports.values()):
             written = await asyncio.to_thread(kernel_ports, connection_file)
             ports = written or ports
-        if all(ports.values()):
+        if mechanism is None and all(ports.values()):
             mechanism = await asyncio.to_thread(probe_mechanism, transport, ip, ports["shell_port"])
-            if mechanism is not None:
-                return SocketsReady(ports=ports, mechanism=mechanism)
+            listening_at = time.monotonic()
+        if mechanism is not None and (
+            not rewrite
+            or time.monotonic() - listening_at > REWRITE_GRACE
+            or await asyncio.to_thread(_rewritten, connection_file, ours)
+        ):
+            return SocketsReady(ports=ports, mechanism=mechanism)
         if time.monotonic() > deadline:
             raise TimeoutError
         await asyncio.sleep(step)
