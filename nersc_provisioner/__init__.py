@@ -11,6 +11,7 @@ The public API:
 from .errors import (
     ConfigError,
     KernelCommandError,
+    KernelNotFoundError,
     KernelSpecError,
     LaunchError,
     LaunchTimeout,
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "InstalledSpec",
     "KernelCommandError",
+    "KernelNotFoundError",
     "KernelSpecError",
     "LaunchError",
     "LaunchTimeout",

@@ -90,6 +90,13 @@ class KernelCommandError(LaunchError):
     """The kernel's program, its Python package, or the container runtime is missing."""
 
 
+class KernelNotFoundError(KernelCommandError, FileNotFoundError):
+    """The wrapper found no kernel program, Python package or container runtime to run.
+
+    Also a :class:`FileNotFoundError`, as jupyter_client's own provisioner raises when
+    the kernel's program is not there (callers may catch either)."""
+
+
 class LaunchTimeout(LaunchError):
     """The environment setup did not finish within ``launch_timeout``."""
 

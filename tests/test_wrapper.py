@@ -164,6 +164,10 @@ def test_exit_codes_map_to_named_errors() -> None:
     assert "Lmod says no" in str(error)
     assert "module avail" in str(error)
     assert isinstance(launch_error_from_exit(Failure.KERNEL_COMMAND, "", []), KernelCommandError)
+    # A missing program is a FileNotFoundError too, as with jupyter_client's own provisioner.
+    for missing in (Failure.KERNEL_COMMAND, Failure.CONTAINER_RUNTIME):
+        assert isinstance(launch_error_from_exit(missing, "", []), FileNotFoundError)
+    assert not isinstance(launch_error_from_exit(Failure.SETUP, "", []), FileNotFoundError)
     unknown = launch_error_from_exit(1, "boom", [])
     assert type(unknown) is LaunchError
     assert "exit code 1" in str(unknown)

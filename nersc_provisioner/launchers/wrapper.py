@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..errors import (
-    KernelCommandError,
+    KernelNotFoundError,
     LaunchError,
     ModuleLoadError,
     ModuleSystemError,
@@ -84,13 +84,13 @@ _FAILURES: dict[int, tuple[type[LaunchError], str, str]] = {
         "run the failing line in a shell to see why, then fix `setup` or `cwd`",
     ),
     Failure.KERNEL_COMMAND: (
-        KernelCommandError,
+        KernelNotFoundError,
         "the kernel command cannot run",
         "install ipykernel into that Python (`python -m pip install ipykernel`), "
         "load the module that provides it, or fix the kernel argv",
     ),
     Failure.CONTAINER_RUNTIME: (
-        KernelCommandError,
+        KernelNotFoundError,
         "the container runtime is missing",
         "run the kernel where Shifter or podman-hpc is installed (a NERSC login or "
         "compute node), load its module in `modules`, or remove `container`",
