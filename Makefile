@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 OLDEST     ?= .venv-oldest
 OLDEST_BIN := $(OLDEST)/bin
 
-.PHONY: venv venv-oldest demo bench bench-smoke soak datapath session-bench rig rig-down lint typecheck pytest test-oldest test clean
+.PHONY: venv venv-oldest demo bench bench-smoke soak datapath session-bench rig rig-down lint typecheck pytest test-oldest jc-suite test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,8 +63,8 @@ rig-down:
 	scripts/test-rig down
 
 lint: venv
-	$(BIN)/ruff check nersc_provisioner tests benchmarks scripts/demo.py
-	$(BIN)/ruff format --check nersc_provisioner tests benchmarks scripts/demo.py
+	$(BIN)/ruff check nersc_provisioner tests benchmarks scripts/demo.py scripts/jupyter_client_suite.py
+	$(BIN)/ruff format --check nersc_provisioner tests benchmarks scripts/demo.py scripts/jupyter_client_suite.py
 
 # typecheck also checks the relay's program as it is shipped (protocol.py + relay.py as one text).
 typecheck: venv
@@ -72,6 +72,7 @@ typecheck: venv
 	$(BIN)/mypy --strict benchmarks/bench.py benchmarks/soak.py benchmarks/datapath.py benchmarks/cpu_share.py benchmarks/port_race.py benchmarks/session.py
 	$(BIN)/python -c 'import sys; from nersc_provisioner.session import relay_program; sys.stdout.write(relay_program("relay.json"))' > $(VENV)/npr_relay_program.py
 	$(BIN)/mypy --strict $(VENV)/npr_relay_program.py
+	$(BIN)/mypy --strict scripts/jupyter_client_suite.py tests/jupyter_client_suite/npr_jc_suite.py
 
 pytest: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
@@ -81,7 +82,12 @@ pytest: venv
 test-oldest: venv-oldest
 	PATH="$(abspath $(OLDEST_BIN)):$$PATH" $(OLDEST_BIN)/python -m pytest -m "oldest or not rig"
 
-test: venv rig lint typecheck pytest test-oldest bench-smoke
+# jupyter_client's own tests of its managers, restarter and clients, with every kernel
+# started through nersc-local, nersc-cori and a Slurm spec (docs/compatibility.md).
+jc-suite: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/jupyter_client_suite.py
+
+test: venv rig lint typecheck pytest jc-suite test-oldest bench-smoke
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache
