@@ -228,6 +228,8 @@ def _remote_path(root: Path) -> str:
         (echo / "__init__.py").write_text("")
         source = Path(pytest_jupyter.__file__).parent / "echo_kernel.py"
         shutil.copyfile(source, echo / "echo_kernel.py")
+        for path in (echo.parent, echo, echo / "__init__.py", echo / "echo_kernel.py"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # the rig's user reads them
     return f"{echo.parent}:{root}"
 
 
@@ -347,7 +349,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"npr-jc-suite {config.getoption('--npr-config')}: {reached} tests started kernels "
         f"through it ({sum(STARTED.values())} kernel managers); "
         f"{len(STARTED) - reached} started none; "
-        f"{len(LEFTOVERS)} processes of its kernels left {LEFTOVER_GRACE:g} s after the end"
+        f"{len(LEFTOVERS)} processes of its kernels left behind (waited up to "
+        f"{LEFTOVER_GRACE:g} s)"
     )
     for line in LEFTOVERS:
         terminalreporter.write_line(f"npr-jc-suite: left behind: {line}")
