@@ -158,6 +158,10 @@ SLOW_WRITER = textwrap.dedent(
 
 
 @pytest.mark.kernel
+@pytest.mark.skipif(
+    not clients_take_curve_keys(),
+    reason="a CurveZMQ kernel's rewrite: this jupyter_client gives no kernel CurveZMQ keys",
+)
 async def test_restart_waits_for_the_kernels_own_connection_file(
     jupyter_dirs: Path, tmp_path: Path
 ) -> None:
