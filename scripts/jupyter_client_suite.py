@@ -98,6 +98,29 @@ class Outcome:
     problem: str = ""
 
 
+#: Seconds pytest may take to exit once its report is written. A test that failed
+#: half-way can leave ZeroMQ sockets open, and pytest then hangs at exit terminating
+#: their context (seen with jupyter_client 8.9.1).
+EXIT_GRACE = 30.0
+
+
+def _wait(proc: subprocess.Popen[bytes], report: Path, deadline: float) -> str:
+    """Wait for pytest; kill its process group if it runs past ``deadline``, or hangs
+    after writing its report. What went wrong ("" if nothing)."""
+    while proc.poll() is None:
+        now = time.monotonic()
+        hung = report.is_file() and time.time() - report.stat().st_mtime > EXIT_GRACE
+        if now > deadline or hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if hung:
+                return f"hung for {EXIT_GRACE:g} s after its report (killed)"
+            return "did not finish in time (killed)"
+        time.sleep(0.5)
+    return ""
+
+
 def run_config(name: str, suite: Path, timeout: float, extra: list[str]) -> Outcome:
     """One run of the suite through configuration ``name``; its counts."""
     outcome = Outcome(name)
@@ -117,13 +140,7 @@ def run_config(name: str, suite: Path, timeout: float, extra: list[str]) -> Outc
         print(f"\n=== jupyter_client suite through {name}: {' '.join(command[2:])}", flush=True)
         started = time.monotonic()
         proc = subprocess.Popen(command, cwd=suite, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            outcome.problem = f"did not finish within {timeout:g} s (killed)"
+        outcome.problem = _wait(proc, report, started + timeout)
         outcome.seconds = time.monotonic() - started
         if not outcome.problem and not report.is_file():
             outcome.problem = f"pytest exited with code {proc.returncode} before its report"
