@@ -256,7 +256,7 @@ def _provisioner(name: str, root: Path) -> tuple[dict[str, Any], dict[str, str]]
         config = {"setup": ["export NPR_SUITE=1"]}
         return {"provisioner_name": "nersc-local", "config": config}, {}
     ssh = rig.require_ssh()
-    config = rig.remote_config(ssh)
+    config = rig.login_config(ssh)
     if name == "slurm":
         rig.require_compute_node()
         config["slurm"] = {"time": "10"}
