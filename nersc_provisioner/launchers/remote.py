@@ -88,6 +88,9 @@ def build_launch_script(launch: RemoteLaunch) -> str:
     return "\n".join(
         [
             "umask 077",
+            # One stream: sshd forwards stdout and stderr separately, so an error message
+            # and the NPR_ line after it could otherwise arrive mixed into one line.
+            "exec 2>&1",
             f"npr_base={REMOTE_BASE}",
             f"npr_dir=$npr_base/{kid}",
             'mkdir -p -- "$npr_base" || { echo "NPR_FAIL cannot create $npr_base"; exit 1; }',
