@@ -47,7 +47,12 @@ def run_bash(script: str, home: Path, timeout: float = 60) -> list[str]:
     return (result.stdout + result.stderr).splitlines()
 
 
-def launch(home: Path, kernel_id: str, setup: EnvironmentSetup | None = None) -> LaunchReport:
+def launch(
+    home: Path,
+    kernel_id: str,
+    setup: EnvironmentSetup | None = None,
+    relay: RelayStart | None = None,
+) -> LaunchReport:
     connection = {
         **dict.fromkeys(PORT_NAMES, 0),
         "ip": "127.0.0.1",
@@ -61,6 +66,7 @@ def launch(home: Path, kernel_id: str, setup: EnvironmentSetup | None = None) ->
             argv=(sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"),
             connection=connection,
             setup=setup or EnvironmentSetup(),
+            relay=relay,
         )
     )
     assert KEY in script  # it travels on stdin, which is the point
@@ -255,25 +261,7 @@ def launch_with_relay(home: Path, kernel_id: str, python: str, secret: bytes) ->
             connection_file=f"{kdir}/connection.json", secret=secret, pid_file=f"{kdir}/pid"
         ).to_json(),
     )
-    connection = {
-        **dict.fromkeys(PORT_NAMES, 0),
-        "ip": "127.0.0.1",
-        "transport": "tcp",
-        "signature_scheme": "hmac-sha256",
-        "key": KEY,
-    }
-    script = build_launch_script(
-        RemoteLaunch(
-            kernel_id=kernel_id,
-            argv=(sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"),
-            connection=connection,
-            relay=relay,
-        )
-    )
-    report = LaunchReport()
-    for line in run_bash(script, home):
-        report.feed(line)
-    return report
+    return launch(home, kernel_id, relay=relay)
 
 
 def test_the_launch_script_starts_the_relay_and_a_client_reaches_the_kernel_through_it(

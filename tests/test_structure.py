@@ -17,7 +17,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nersc_provisioner"
 LAYERS = {
     "base": set(),
     "transports": {"base"},
-    "session": {"base"},  # beside transports: the session layer (its relay ships as source)
+    # Above transports (its local end uses their private directories); its relay ships
+    # as source, and imports nothing of the package (tests/test_session_protocol.py).
+    "session": {"base", "transports"},
     "launchers": {"base"},
     "slurm": {"base", "transports", "launchers"},
     "provisioners": {"base", "transports", "session", "launchers", "slurm"},

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import zmq
 
+from ..transports.local_sockets import check_private_dir
 from .protocol import CONTROL, IOPUB, SHELL, STDIN
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
@@ -56,14 +56,6 @@ def _key(value: str | bytes) -> bytes:
     if len(key) != 40:
         raise ValueError("CurveZMQ keys are 40 characters of Z85")
     return key
-
-
-def check_private_dir(directory: str) -> None:
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise PermissionError(f"{directory} is not a directory of this user")
-    if info.st_mode & 0o077:
-        raise PermissionError(f"{directory} is open to others (mode {info.st_mode & 0o777:o})")
 
 
 class Frontend:
